@@ -1,0 +1,21 @@
+"""nn.Module wrappers around the fused ops, for code that expects loss modules."""
+import torch
+
+from .ops.ntxent import fused_ntxent
+
+
+class NTXentLoss(torch.nn.Module):
+    """SimCLR's NT-Xent loss: `NTXentLoss(temperature)(z_a, z_b)` == `fused_ntxent(z_a, z_b, temperature)`."""
+
+    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", backend="auto"):
+        super().__init__()
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, z_a, z_b):
+        return fused_ntxent(z_a, z_b, self.temperature, normalize=self.normalize,
+                            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, normalize={self.normalize}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

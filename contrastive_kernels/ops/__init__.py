@@ -1,0 +1,1 @@
+"""One module per op: Triton kernels, launchers, the registered torch.library op, autograd."""

@@ -1,0 +1,302 @@
+"""Fused NT-Xent (SimCLR) loss that never builds the 2N x 2N similarity matrix.
+
+z = cat(z_a, z_b) (2N x D, L2-normalised if asked), s_ij = z_i . z_j / T, positive of row i
+at p(i) = (i + N) mod 2N:  l_i = -s_{i,p(i)} + logsumexp_{j != i} s_ij  (DESIGN section 2).
+
+Backends (DESIGN section 4):
+  triton  forward streams column tiles with an online log-sum-exp and saves the per-row LSE;
+          backward recomputes the tiles and, because s is symmetric (P_ji = exp(s_ij - lse_j)),
+          every program owns its rows: no atomics, no N x N buffer. fp32 accumulation; fp32,
+          fp16 and bf16 inputs (and float64, accumulated in float64, for gradcheck under the
+          interpreter); int64 offsets. D <= 1024. Tested under TRITON_INTERPRET=1 on CPU tensors in fp64, fp32
+          and fp16; bf16 and the compiled kernels need a GPU (tests marked `gpu`).
+  cpu     csrc/cpu/ntxent.cpp: upper-triangle tiles, one GEMM per tile pair, multi-threaded.
+  torch   pure PyTorch, chunked over rows: O(chunk * N) memory; the fallback anywhere.
+
+The L2 normalisation and the concatenation are O(N*D) torch ops around the registered op
+`contrastive_kernels::ntxent`, so autograd chains their gradients; the op returns per-row
+losses and the reduction is applied after it.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._backends import check_backend_name, resolve, tl, triton
+
+SUPPORTED_BACKENDS = ("triton", "cpu", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+TRITON_MAX_DIM = 1024  # the backward keeps a BLOCK_M x D fp32 accumulator in registers
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ntxent_fwd_kernel(Z, LSE, LOSS, n_rows, half, dim, stride_row, stride_col, inv_temp,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    # int64 row indices: 2N * D can pass 2^31 at the sizes this kernel is for.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    dim_ok = dims < dim
+    z_rows = tl.load(Z + rows[:, None] * stride_row + dims[None, :] * stride_col,
+                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    partner = tl.where(rows < half, rows + half, rows - half)
+
+    # A finite start for the running max keeps exp(m_old - m_new) free of inf - inf.
+    run_max = tl.full([BLOCK_M], -1.0e30, dtype=ACC)
+    run_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    positive = tl.zeros([BLOCK_M], dtype=ACC)
+    for start in range(0, n_rows, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < n_rows
+        z_cols = tl.load(Z + cols[:, None] * stride_row + dims[None, :] * stride_col,
+                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(z_rows, tl.trans(z_cols), input_precision=DOT_PRECISION,
+                   out_dtype=ACC) * inv_temp
+        positive += tl.sum(tl.where(cols[None, :] == partner[:, None], s, 0.0), axis=1)
+        s = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), s, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    tl.store(LSE + rows, lse, mask=row_ok)
+    tl.store(LOSS + rows, lse - positive, mask=row_ok)
+
+
+@triton.jit
+def _ntxent_bwd_kernel(Z, LSE, GRAD, DZ, n_rows, half, dim, stride_row, stride_col,
+                       stride_dz_row, stride_dz_col, inv_temp,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    # dz_i = (1/T) [ sum_j W_ij z_j - (g_i + g_p(i)) z_p(i) ],
+    # W_ij = g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j) for j != i (the second term is P_ji,
+    # by the symmetry of s), so this program needs only its own rows' outputs: no atomics.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    dim_ok = dims < dim
+    z_rows = tl.load(Z + rows[:, None] * stride_row + dims[None, :] * stride_col,
+                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    lse_rows = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g_rows = tl.load(GRAD + rows, mask=row_ok, other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start in range(0, n_rows, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < n_rows
+        z_cols = tl.load(Z + cols[:, None] * stride_row + dims[None, :] * stride_col,
+                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        lse_cols = tl.load(LSE + cols, mask=col_ok, other=0.0)
+        g_cols = tl.load(GRAD + cols, mask=col_ok, other=0.0)
+        s = tl.dot(z_rows, tl.trans(z_cols), input_precision=DOT_PRECISION,
+                   out_dtype=ACC) * inv_temp
+        w = (g_rows[:, None] * tl.exp(s - lse_rows[:, None])
+             + g_cols[None, :] * tl.exp(s - lse_cols[None, :]))
+        w = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), w, 0.0)
+        # W goes into the second GEMM in the input dtype (as flash-attention does with P).
+        acc += tl.dot(w.to(z_cols.dtype), z_cols, input_precision=DOT_PRECISION,
+                      out_dtype=ACC)
+
+    partner = tl.where(rows < half, rows + half, rows - half)
+    z_partner = tl.load(Z + partner[:, None] * stride_row + dims[None, :] * stride_col,
+                        mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    g_partner = tl.load(GRAD + partner, mask=row_ok, other=0.0)
+    acc -= (g_rows + g_partner)[:, None] * z_partner.to(ACC)
+    tl.store(DZ + rows[:, None] * stride_dz_row + dims[None, :] * stride_dz_col,
+             (acc * inv_temp).to(DZ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _accumulate_dtype(z):
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _triton_config(z):
+    """Fixed block sizes (deterministic results, no autotuning), chosen by D."""
+    block_d = max(16, triton.next_power_of_2(z.shape[1]))
+    block_m, block_n = (64, 64) if block_d <= 128 else (32, 64) if block_d <= 256 else (16, 32)
+    if z.dtype == torch.float64:
+        precision = "ieee"
+    elif z.dtype == torch.float32:
+        # Follow torch's own fp32 matmul setting: "highest" (the default) is exact fp32.
+        precision = {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
+    else:
+        precision = "tf32"  # ignored for fp16/bf16 inputs
+    acc = tl.float64 if z.dtype == torch.float64 else tl.float32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision,
+                ACC=acc, num_warps=4 if block_d <= 128 else 8)
+
+
+def _triton_forward(z, inv_temp):
+    if z.shape[1] > TRITON_MAX_DIM:
+        raise ValueError(f"backend='triton' supports D <= {TRITON_MAX_DIM}, got D={z.shape[1]}; "
+                         "use backend='torch' (or 'cpu' on CPU tensors)")
+    n_rows = z.shape[0]
+    lse = torch.empty(n_rows, device=z.device, dtype=_accumulate_dtype(z))
+    loss = torch.empty_like(lse)
+    config = _triton_config(z)
+    grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
+    _ntxent_fwd_kernel[grid](z, lse, loss, n_rows, n_rows // 2, z.shape[1], z.stride(0),
+                             z.stride(1), inv_temp, **config)
+    return loss, lse
+
+
+def _triton_backward(z, lse, grad_rows, inv_temp):
+    n_rows = z.shape[0]
+    grad_rows = grad_rows.to(lse.dtype).contiguous()
+    dz = torch.empty_like(z)
+    config = _triton_config(z)
+    grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
+    _ntxent_bwd_kernel[grid](z, lse, grad_rows, dz, n_rows, n_rows // 2, z.shape[1],
+                             z.stride(0), z.stride(1), dz.stride(0), dz.stride(1), inv_temp,
+                             **config)
+    return dz
+
+
+def _torch_chunk_rows(z):
+    # Each chunk holds a (chunk x 2N) block of similarities: keep it near 4M values (16 MB).
+    return max(1, min(z.shape[0], (1 << 22) // z.shape[0]))
+
+
+def _torch_forward(z, inv_temp):
+    zc = z.to(_accumulate_dtype(z))
+    n_rows = zc.shape[0]
+    lse = torch.empty(n_rows, device=z.device, dtype=zc.dtype)
+    chunk = _torch_chunk_rows(zc)
+    for start in range(0, n_rows, chunk):
+        s = (zc[start:start + chunk] @ zc.T) * inv_temp
+        rows = torch.arange(s.shape[0], device=z.device)
+        s[rows, rows + start] = float("-inf")
+        lse[start:start + chunk] = torch.logsumexp(s, dim=1)
+    positive = (zc * zc.roll(n_rows // 2, dims=0)).sum(dim=1) * inv_temp
+    return lse - positive, lse
+
+
+def _torch_backward(z, lse, grad_rows, inv_temp):
+    zc = z.to(lse.dtype)
+    g = grad_rows.to(lse.dtype)
+    n_rows = zc.shape[0]
+    dz = torch.empty_like(zc)
+    chunk = _torch_chunk_rows(zc)
+    for start in range(0, n_rows, chunk):
+        s = (zc[start:start + chunk] @ zc.T) * inv_temp
+        stop = start + s.shape[0]
+        w = g[start:stop, None] * torch.exp(s - lse[start:stop, None]) + g * torch.exp(s - lse)
+        rows = torch.arange(s.shape[0], device=z.device)
+        w[rows, rows + start] = 0.0
+        dz[start:stop] = w @ zc
+    partner_g = (g + g.roll(n_rows // 2)).unsqueeze(1)
+    return ((dz - partner_g * zc.roll(n_rows // 2, dims=0)) * inv_temp).to(z.dtype)
+
+
+def _native_forward(z, inv_temp):
+    return torch.ops.contrastive_kernels.ntxent_fwd(z, inv_temp)
+
+
+def _native_backward(z, lse, grad_rows, inv_temp):
+    return torch.ops.contrastive_kernels.ntxent_bwd(z, lse, grad_rows, inv_temp).to(z.dtype)
+
+
+_FORWARD = {"triton": _triton_forward, "cpu": _native_forward, "torch": _torch_forward}
+_BACKWARD = {"triton": _triton_backward, "cpu": _native_backward, "torch": _torch_backward}
+
+
+# ----------------------------------------------------------------------------------------
+# Registered ops and autograd
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("contrastive_kernels::ntxent", mutates_args=())
+def ntxent_rows(z: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NT-Xent losses (in z's dtype) and log-sum-exps (float32, float64 for float64 z)."""
+    chosen = resolve("fused_ntxent", backend, z.device, SUPPORTED_BACKENDS)
+    loss, lse = _FORWARD[chosen](z, 1.0 / temperature)
+    return loss.to(z.dtype), lse
+
+
+@ntxent_rows.register_fake
+def _(z, temperature, backend):
+    rows = z.shape[0]
+    return z.new_empty(rows), z.new_empty(rows, dtype=_accumulate_dtype(z))
+
+
+@torch.library.custom_op("contrastive_kernels::ntxent_backward", mutates_args=())
+def ntxent_backward(z: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+                    temperature: float, backend: str) -> torch.Tensor:
+    """Gradient of sum_i grad_rows[i] * l_i with respect to z (z's dtype)."""
+    chosen = resolve("fused_ntxent", backend, z.device, SUPPORTED_BACKENDS)
+    return _BACKWARD[chosen](z, lse, grad_rows, 1.0 / temperature)
+
+
+@ntxent_backward.register_fake
+def _(z, lse, grad_rows, temperature, backend):
+    return torch.empty_like(z)
+
+
+def _setup_context(ctx, inputs, output):
+    z, temperature, backend = inputs
+    ctx.save_for_backward(z, output[1])
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    z, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dz = ntxent_backward(z, lse, grad_loss, ctx.temperature, ctx.backend)
+    return dz, None, None
+
+
+ntxent_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------
+def _check_inputs(z_a, z_b, temperature, normalize, reduction, backend):
+    for name, z in (("z_a", z_a), ("z_b", z_b)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {z.dtype}")
+        if z.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(z.shape)}); need N >= 1 and D >= 1")
+    if z_a.shape != z_b.shape:
+        raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    if z_a.device != z_b.device:
+        raise ValueError(f"z_a and z_b must be on the same device, got {z_a.device} and {z_b.device}")
+    if z_a.dtype != z_b.dtype:
+        raise TypeError(f"z_a and z_b must have the same dtype, got {z_a.dtype} and {z_b.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_backend_name(backend)
+
+
+def fused_ntxent(z_a, z_b, temperature=0.5, *, normalize=True, reduction="mean", backend="auto"):
+    """NT-Xent (SimCLR) loss of two views z_a, z_b (N x D each), without the 2N x 2N matrix.
+
+    Same value as `contrastive_kernels.reference.ntxent` and lightly's NTXentLoss(temperature).
+    reduction: "mean" (over the 2N rows), "sum" or "none" (shape (2N,)).
+    backend: "auto" (the fastest available for the device), "triton", "cpu" or "torch".
+    """
+    _check_inputs(z_a, z_b, temperature, normalize, reduction, backend)
+    z = torch.cat([z_a, z_b])
+    if normalize:
+        z = F.normalize(z, dim=1)
+    rows, _ = ntxent_rows(z, float(temperature), backend)
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
