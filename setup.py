@@ -1,0 +1,51 @@
+"""contrastive_kernels: a plain Python install by default.
+
+The C++/CUDA sources in csrc/ are compiled just in time with ninja on first use. To build them
+ahead of time instead (needs torch installed, hence no build isolation):
+
+    CK_BUILD_EXT=1 pip install --no-build-isolation -e .
+"""
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def native_extensions():
+    """The two extensions of contrastive_kernels/_build.py, built by setuptools instead."""
+    from torch.utils import cpp_extension
+
+    spec = importlib.util.spec_from_file_location("ck_build", ROOT / "contrastive_kernels" / "_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)  # only _build.py: the package itself would import triton
+    csrc = ROOT / "csrc"
+    rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # setuptools wants relative paths
+    extensions = [cpp_extension.CppExtension(
+        "contrastive_kernels._C_cpu", rel(build.sources("cpu", csrc)),
+        extra_compile_args={"cxx": build.cpu_flags()}, extra_link_args=["-fopenmp"])]
+    if build.sources("cuda", csrc) and build._why_not_buildable("cuda") is None:
+        extensions.append(cpp_extension.CUDAExtension(
+            "contrastive_kernels._C_cuda", rel(build.sources("cuda", csrc)),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": build.cuda_flags()}))
+    return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = native_extensions() if os.environ.get("CK_BUILD_EXT") == "1" else ([], {})
+
+setup(
+    name="contrastive_kernels",
+    version="0.1.0",
+    description="Fused GPU and CPU kernels for contrastive self-supervised learning (SimCLR, MoCo)",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["contrastive_kernels", "contrastive_kernels.*"]),
+    python_requires=">=3.10",
+    # torch 2.4 brought torch.library.custom_op; its CUDA wheels bring a matching triton.
+    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm"],
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib"], "bench": ["matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

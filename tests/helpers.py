@@ -1,0 +1,41 @@
+"""Comparison helpers: a failing check prints the worst mismatching elements."""
+import torch
+
+from contrastive_kernels._backends import TRITON_INTERPRET
+
+
+def cpu_backends():
+    """Backends that run CPU tensors in this process (Triton only under its interpreter)."""
+    return ["torch", "cpu"] + (["triton"] if TRITON_INTERPRET else [])
+
+
+def worst(actual, expected, k=5):
+    diff = (actual.double() - expected.double()).abs().flatten()
+    top = diff.topk(min(k, diff.numel()))
+    rows = [f"  [{i}] actual={actual.flatten()[i].item():.10g} expected={expected.flatten()[i].item():.10g}"
+            f" |diff|={d:.3g}" for d, i in zip(top.values.tolist(), top.indices.tolist())]
+    return "\n".join(rows)
+
+
+def assert_close(actual, expected, *, rtol, atol=0.0, name="value"):
+    """|actual - expected| <= atol + rtol * |expected| elementwise, else the worst elements."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    if not bool((diff <= bound).all()):
+        raise AssertionError(f"{name}: {int((diff > bound).sum())} of {diff.numel()} elements off "
+                             f"(rtol={rtol}, atol={atol}); worst:\n{worst(actual, expected)}")
+
+
+def max_error(actual, oracle):
+    return (actual.double() - oracle.double()).abs().max().item()
+
+
+def assert_within_reference_error(actual, same_dtype_ref, oracle, *, factor, name="value"):
+    """The flash-attention rule: our error against a float64 oracle is at most `factor` times the
+    error of the eager reference computed in the same low precision (plus one unit of rounding)."""
+    ours, theirs = max_error(actual, oracle), max_error(same_dtype_ref, oracle)
+    ulp = torch.finfo(actual.dtype).eps * oracle.double().abs().max().item()
+    assert ours <= factor * theirs + ulp, (
+        f"{name}: error {ours:.3g} > {factor} x reference error {theirs:.3g} + {ulp:.3g}; worst:\n"
+        f"{worst(actual, oracle)}")
