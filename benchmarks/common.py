@@ -1,0 +1,131 @@
+"""Shared benchmark plumbing: timing, peak memory, where results came from, CSV and plots.
+
+Timing: median of `repeats` runs after warm-up, synchronising CUDA around each run.
+Peak memory: on CUDA, torch.cuda.max_memory_allocated around one run, minus what was
+allocated before it. On CPU, in a fresh process per point: after a warm-up run, write 5 to
+/proc/self/clear_refs (resets VmHWM to the current RSS), run once, and report VmHWM minus the RSS
+before the run. (ru_maxrss survives exec and would report the parent's peak.)
+"""
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, repeats, warmup=1, setup=None):
+    """Median wall time of fn() over `repeats` runs; setup() runs untimed before each."""
+    times = []
+    for i in range(warmup + repeats):
+        state = setup() if setup else None
+        synchronize(device)
+        start = time.perf_counter()
+        fn(state) if setup else fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_growth_mb(fn):
+    """Peak RSS growth of one fn() call in this process (run fn once before, as warm-up)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def cuda_peak_growth_mb(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure_in_fresh_process(script, args):
+    """Runs `script --measure-memory args...` and returns the JSON it prints last."""
+    out = subprocess.run([sys.executable, str(script), "--measure-memory", *map(str, args)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def provenance(device):
+    """Where a result came from: machine, versions, commit, date."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    if torch.device(device).type == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = _cpu_name() + f" ({os.cpu_count()} cores)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"machine": machine, "torch": torch.__version__, "triton": triton_version,
+            "commit": commit, "date": datetime.date.today().isoformat(), "python": platform.python_version()}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text):
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def write_csv(path, rows, meta):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0].keys()) + list(meta.keys())
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **meta})
+
+
+def format_table(rows, columns):
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    line = lambda values: "  ".join(str(v).rjust(w) for v, w in zip(values, widths))
+    return "\n".join([line(columns), line("-" * w for w in widths)] + [line([r[c] for c in columns]) for r in rows])
