@@ -263,7 +263,7 @@ def test_torch_compile_inductor():
 # GPU: every backend and dtype on CUDA tensors (skipped without a GPU).
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch", "auto"])
 @pytest.mark.parametrize("n,d", [(1, 3), (100, 128), (1000, 256), (4097, 64)])
 def test_gpu_float32(backend, n, d):
     z_a, z_b = views(n, d, torch.float32, device="cuda")
@@ -276,19 +276,20 @@ def test_gpu_float32(backend, n, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,d", [(3, 5), (512, 128), (2049, 256)])
-def test_gpu_low_precision_within_reference_error(dtype, n, d):
+def test_gpu_low_precision_within_reference_error(backend, dtype, n, d):
     z_a, z_b = views(n, d, dtype, device="cuda")
     upstream = torch.randn(2 * n, device="cuda", dtype=dtype)
-    ours = loss_and_grads(lambda a, b: fused_ntxent(a, b, 0.2, reduction="none", backend="triton"),
+    ours = loss_and_grads(lambda a, b: fused_ntxent(a, b, 0.2, reduction="none", backend=backend),
                           z_a, z_b, upstream)
     eager = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2, reduction="none"), z_a, z_b, upstream)
     a64, b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
     oracle = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2, reduction="none"), a64, b64,
                             upstream.double())
     for name, o, e, x in zip(("loss", "grad z_a", "grad z_b"), ours, eager, oracle):
-        assert_within_reference_error(o, e, x, factor=3, name=name)
+        assert_within_reference_error(o, e, x, factor=3, name=f"{backend} {name}")
 
 
 @pytest.mark.gpu

@@ -10,6 +10,8 @@ Backends (DESIGN section 4):
           fp16 and bf16 inputs (and float64, accumulated in float64, for gradcheck under the
           interpreter); int64 offsets. D <= 1024. Tested under TRITON_INTERPRET=1 on CPU tensors in fp64, fp32
           and fp16; bf16 and the compiled kernels need a GPU (tests marked `gpu`).
+  cuda    csrc/cuda/ntxent.cu: the same streaming algorithm on CUDA cores (no tensor cores);
+          compiled in CI, run only where a GPU is lent. D <= 1024.
   cpu     csrc/cpu/ntxent.cpp: upper-triangle tiles, one GEMM per tile pair, multi-threaded.
   torch   pure PyTorch, chunked over rows: O(chunk * N) memory; the fallback anywhere.
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from .._backends import check_backend_name, resolve, tl, triton
 
-SUPPORTED_BACKENDS = ("triton", "cpu", "torch")
+SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 TRITON_MAX_DIM = 1024  # the backward keeps a BLOCK_M x D fp32 accumulator in registers
 
@@ -202,8 +204,10 @@ def _native_backward(z, lse, grad_rows, inv_temp):
     return torch.ops.contrastive_kernels.ntxent_bwd(z, lse, grad_rows, inv_temp).to(z.dtype)
 
 
-_FORWARD = {"triton": _triton_forward, "cpu": _native_forward, "torch": _torch_forward}
-_BACKWARD = {"triton": _triton_backward, "cpu": _native_backward, "torch": _torch_backward}
+_FORWARD = {"triton": _triton_forward, "cuda": _native_forward, "cpu": _native_forward,
+            "torch": _torch_forward}
+_BACKWARD = {"triton": _triton_backward, "cuda": _native_backward, "cpu": _native_backward,
+             "torch": _torch_backward}
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,7 +292,7 @@ def fused_ntxent(z_a, z_b, temperature=0.5, *, normalize=True, reduction="mean",
 
     Same value as `contrastive_kernels.reference.ntxent` and lightly's NTXentLoss(temperature).
     reduction: "mean" (over the 2N rows), "sum" or "none" (shape (2N,)).
-    backend: "auto" (the fastest available for the device), "triton", "cpu" or "torch".
+    backend: "auto" (the fastest available for the device), "triton", "cuda", "cpu" or "torch".
     """
     _check_inputs(z_a, z_b, temperature, normalize, reduction, backend)
     z = torch.cat([z_a, z_b])
