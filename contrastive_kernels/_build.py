@@ -150,7 +150,9 @@ def load(kind):
             _jit_build(kind, csrc_dir())
         except Exception as error:  # compiler errors arrive as RuntimeError/CalledProcessError
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            errors = [line for line in lines if "error" in line.lower()] or lines[-2:]
+            # Prefer the compiler's own "error:" line over the wrapper's summary.
+            errors = ([line for line in lines if "error:" in line]
+                      or [line for line in lines if "error" in line.lower()] or lines[-2:])
             reason = (f"the build failed: {errors[0]} (CK_VERBOSE_BUILD=1 shows the whole log)")
     if reason is not None:
         warnings.warn(f"contrastive_kernels: the '{kind}' backend is unavailable ({reason}); "

@@ -12,7 +12,7 @@
 // memory). Status: compiled for sm_80/sm_90 in CI; its tests (marked gpu) run only on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> ntxent_fwd(const at::Tensor& z_in, double inv
   at::Tensor lse = at::empty({n}, z.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ntxent_fwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    ntxent_fwd_kernel<scalar_t, acc_t><<<num_blocks(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    ntxent_fwd_kernel<scalar_t, acc_t><<<num_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         z.data_ptr<scalar_t>(), n, dim, static_cast<acc_t>(inv_temperature), loss.data_ptr<acc_t>(),
         lse.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -235,7 +235,7 @@ at::Tensor ntxent_bwd(const at::Tensor& z_in, const at::Tensor& lse_in, const at
     auto kernel = ntxent_bwd_kernel<scalar_t, acc_t>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
-    kernel<<<num_blocks(n), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+    kernel<<<num_blocks(n), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         z.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), n, dim,
         static_cast<acc_t>(inv_temperature), dz.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
