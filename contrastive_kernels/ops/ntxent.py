@@ -63,9 +63,11 @@ def _ntxent_fwd_kernel(Z, LSE, LOSS, n_rows, half, dim, stride_row, stride_col, 
         new_max = tl.maximum(run_max, tl.max(s, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
         run_max = new_max
-    lse = run_max + tl.log(run_sum)
-    tl.store(LSE + rows, lse, mask=row_ok)
-    tl.store(LOSS + rows, lse - positive, mask=row_ok)
+    log_sum = tl.log(run_sum)
+    tl.store(LSE + rows, run_max + log_sum, mask=row_ok)
+    # (max - positive) first: both are near 1/T when the positive dominates, and lse - positive
+    # would cancel away the small loss's digits.
+    tl.store(LOSS + rows, (run_max - positive) + log_sum, mask=row_ok)
 
 
 @triton.jit
@@ -161,22 +163,26 @@ def _triton_backward(z, lse, grad_rows, inv_temp):
 
 
 def _torch_chunk_rows(z):
-    # Each chunk holds a (chunk x 2N) block of similarities: keep it near 4M values (16 MB).
-    return max(1, min(z.shape[0], (1 << 22) // z.shape[0]))
+    # A chunk holds (chunk x 2N) similarities, two such buffers at a time: keep each near
+    # 1M values (4 MB in fp32), large enough that the chunk GEMMs still run at full speed.
+    return max(1, min(z.shape[0], (1 << 20) // z.shape[0]))
 
 
 def _torch_forward(z, inv_temp):
     zc = z.to(_accumulate_dtype(z))
     n_rows = zc.shape[0]
-    lse = torch.empty(n_rows, device=z.device, dtype=zc.dtype)
+    row_max = torch.empty(n_rows, device=z.device, dtype=zc.dtype)
+    log_sum = torch.empty_like(row_max)
     chunk = _torch_chunk_rows(zc)
     for start in range(0, n_rows, chunk):
-        s = (zc[start:start + chunk] @ zc.T) * inv_temp
+        s = (zc[start:start + chunk] @ zc.T).mul_(inv_temp)
         rows = torch.arange(s.shape[0], device=z.device)
         s[rows, rows + start] = float("-inf")
-        lse[start:start + chunk] = torch.logsumexp(s, dim=1)
+        m = s.amax(dim=1)
+        row_max[start:start + chunk] = m
+        log_sum[start:start + chunk] = s.sub_(m[:, None]).exp_().sum(dim=1).log_()
     positive = (zc * zc.roll(n_rows // 2, dims=0)).sum(dim=1) * inv_temp
-    return lse - positive, lse
+    return (row_max - positive) + log_sum, row_max + log_sum  # see the forward kernel on why
 
 
 def _torch_backward(z, lse, grad_rows, inv_temp):
@@ -186,12 +192,13 @@ def _torch_backward(z, lse, grad_rows, inv_temp):
     dz = torch.empty_like(zc)
     chunk = _torch_chunk_rows(zc)
     for start in range(0, n_rows, chunk):
-        s = (zc[start:start + chunk] @ zc.T) * inv_temp
+        s = (zc[start:start + chunk] @ zc.T).mul_(inv_temp)
         stop = start + s.shape[0]
-        w = g[start:stop, None] * torch.exp(s - lse[start:stop, None]) + g * torch.exp(s - lse)
+        w = (s - lse[start:stop, None]).exp_().mul_(g[start:stop, None])  # g_i P_ij
+        w += s.sub_(lse).exp_().mul_(g)                                    # g_j P_ji, in s's buffer
         rows = torch.arange(s.shape[0], device=z.device)
         w[rows, rows + start] = 0.0
-        dz[start:stop] = w @ zc
+        torch.mm(w, zc, out=dz[start:stop])
     partner_g = (g + g.roll(n_rows // 2)).unsqueeze(1)
     return ((dz - partner_g * zc.roll(n_rows // 2, dims=0)) * inv_temp).to(z.dtype)
 

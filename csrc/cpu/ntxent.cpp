@@ -158,8 +158,10 @@ void forward_impl(const at::Tensor& z, double inv_temperature, at::Tensor& loss,
       T dot = 0;
 #pragma omp simd reduction(+ : dot)
       for (int64_t k = 0; k < dim; ++k) dot += zi[k] * zpos[k];
-      lse_p[i] = run_max[i] + std::log(run_sum[i]);
-      loss_p[i] = lse_p[i] - dot * static_cast<T>(inv_temperature);
+      const T log_sum = std::log(run_sum[i]);
+      lse_p[i] = run_max[i] + log_sum;
+      // (max - positive) first: lse - positive cancels the digits of a small loss.
+      loss_p[i] = (run_max[i] - dot * static_cast<T>(inv_temperature)) + log_sum;
     }
   });
 }

@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(kThreads) ntxent_fwd_kernel(const scalar_t* __
     const acc_t pos = warp_sum(positive[j]);
     const int64_t row = row0 + 2 * warp + j;
     if (lane == 0 && row < n) {
-      const acc_t row_lse = run_max[j] + device_log(run_sum[j]);
-      lse[row] = row_lse;
-      loss[row] = row_lse - pos;
+      const acc_t log_sum = device_log(run_sum[j]);
+      lse[row] = run_max[j] + log_sum;
+      loss[row] = (run_max[j] - pos) + log_sum;  // lse - pos would cancel a small loss's digits
     }
   }
 }
