@@ -1,5 +1,7 @@
 """Fused kernels for contrastive self-supervised learning (SimCLR, MoCo)."""
+from .ops.infonce import fused_infonce
 from .ops.ntxent import fused_ntxent
+from .ops.queue import KeyQueue
 
-__all__ = ["fused_ntxent"]
+__all__ = ["fused_ntxent", "fused_infonce", "KeyQueue"]
 __version__ = "0.1.0"

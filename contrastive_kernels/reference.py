@@ -23,3 +23,49 @@ def ntxent(z_a, z_b, temperature=0.5, *, normalize=True, reduction="mean"):
     logits = logits.masked_fill(self_mask, float("-inf"))
     positives = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
     return F.cross_entropy(logits, positives, reduction=reduction)
+
+
+def infonce(q, k, queue, temperature=0.07, *, normalize=True, reduction="mean"):
+    """MoCo's InfoNCE loss as facebookresearch/moco computes it: logits = cat([l_pos, l_neg]) / T
+    with the positive key in column 0, then cross-entropy against label 0. `queue` is (K, D),
+    one negative per row (MoCo stores its transpose), and gets no gradient."""
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.detach().T
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+@torch.no_grad()
+def momentum_update(target, online, momentum):
+    """MoCo's per-parameter loop: p_k.data = p_k.data * m + p_q.data * (1 - m)."""
+    targets = target.parameters() if isinstance(target, torch.nn.Module) else target
+    onlines = online.parameters() if isinstance(online, torch.nn.Module) else online
+    for p_k, p_q in zip(targets, onlines):
+        p_k.data = p_k.data * momentum + p_q.data * (1.0 - momentum)
+
+
+class MoCoQueue:
+    """MoCo's ring buffer: a (dim, K) queue and a pointer read back to the host every step.
+
+    `dequeue_and_enqueue` is MoCo's `_dequeue_and_enqueue` (K % batch == 0 required). `rows()`
+    returns the queue as (K, dim), the layout of contrastive_kernels.KeyQueue.buffer.
+    """
+
+    def __init__(self, size, dim, dtype=torch.float32, device=None):
+        self.K = size
+        self.queue = torch.zeros(dim, size, dtype=dtype, device=device)
+        self.queue_ptr = torch.zeros(1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys):
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)  # the host sync that KeyQueue avoids
+        assert self.K % batch_size == 0
+        self.queue[:, ptr:ptr + batch_size] = keys.T
+        self.queue_ptr[0] = (ptr + batch_size) % self.K
+
+    def rows(self):
+        return self.queue.T

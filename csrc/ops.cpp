@@ -10,4 +10,16 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   m.def("ntxent_fwd(Tensor z, float inv_temperature) -> (Tensor, Tensor)");
   // Gradient w.r.t. z given the per-row upstream gradients; same dtype as the forward's outputs.
   m.def("ntxent_bwd(Tensor z, Tensor lse, Tensor grad_rows, float inv_temperature) -> Tensor");
+  // target[i] = momentum * target[i] + (1 - momentum) * online[i], in place, for every pair.
+  m.def("momentum_update_(Tensor(a!)[] target, Tensor[] online, float momentum) -> ()");
+  // Ring buffer: writes keys (B x D) at row `head` of buffer (K x D), wrapping around, then
+  // head = (head + B) % K and count = min(count + B, K). head and count are int64 scalars.
+  m.def("queue_enqueue_(Tensor(a!) buffer, Tensor(b!) head, Tensor(c!) count, Tensor keys) -> ()");
+  // MoCo InfoNCE of queries q against positives k and the queue rows m with
+  // (m - start) mod K < count (start, count: int64 scalars). Per-row losses and log-sum-exps.
+  m.def("infonce_fwd(Tensor q, Tensor k, Tensor queue, Tensor start, Tensor count, "
+        "float inv_temperature) -> (Tensor, Tensor)");
+  // (grad q, grad k) given the per-row upstream gradients.
+  m.def("infonce_bwd(Tensor q, Tensor k, Tensor queue, Tensor start, Tensor count, Tensor lse, "
+        "Tensor grad_rows, float inv_temperature) -> (Tensor, Tensor)");
 }

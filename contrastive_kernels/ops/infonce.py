@@ -1,0 +1,318 @@
+"""Fused MoCo InfoNCE loss against a queue of negatives, without the N x (1 + K) logits.
+
+pos_i = q_i . k_i / T, s_im = q_i . queue_m / T over the queue rows m in the window
+(m - start) mod K < count (all rows for a plain tensor, the filled rows of a KeyQueue, read on
+the device), and  l_i = -pos_i + log(exp(pos_i) + sum_m exp(s_im))  (DESIGN section 2), the
+value of MoCo's cat([l_pos, l_neg]) / T + cross-entropy against label 0.
+
+Backends (DESIGN section 4):
+  triton  forward streams queue tiles with an online log-sum-exp and saves the row LSE;
+          backward recomputes the tiles, one program per row block, with no N x K buffer:
+          dq_i = g_i / T [(P0_i - 1) k_i + sum_m P_im queue_m],  dk_i = g_i / T (P0_i - 1) q_i.
+          fp32 accumulation (fp64 for fp64); tested under TRITON_INTERPRET=1 in fp64, fp32 and
+          fp16; bf16 and compiled kernels need a GPU (tests marked `gpu`). D <= 1024.
+  cpu     csrc/cpu/infonce.cpp: the queue split over threads in blocks, one GEMM per block.
+  torch   pure PyTorch, chunked over the queue: O(N * chunk) memory.
+
+q and k are L2-normalised (normalize=True) by torch ops around the registered op
+`contrastive_kernels::infonce`; the queue rows are used as stored and never get a gradient.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._backends import check_backend_name, resolve, tl, triton
+from .queue import KeyQueue
+
+SUPPORTED_BACKENDS = ("triton", "cpu", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+TRITON_MAX_DIM = 1024  # the backward keeps a BLOCK_M x D accumulator in registers
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _queue_tile(Q_ROWS, QUEUE, START, COUNT, queue_rows, dim, stride_queue_row, stride_queue_col,
+                col0, inv_temp, dims, dim_ok, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                ACC: tl.constexpr):
+    """(similarities of this tile with the window's rows, -inf elsewhere; the tile's keys)."""
+    cols = col0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    in_window = ((cols - START) % queue_rows + queue_rows) % queue_rows < COUNT
+    col_ok = (cols < queue_rows) & in_window
+    keys = tl.load(QUEUE + cols[:, None] * stride_queue_row + dims[None, :] * stride_queue_col,
+                   mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    s = tl.dot(Q_ROWS, tl.trans(keys), input_precision=DOT_PRECISION, out_dtype=ACC) * inv_temp
+    return tl.where(col_ok[None, :], s, float("-inf")), keys
+
+
+@triton.jit
+def _infonce_fwd_kernel(Q, K, QUEUE, START, COUNT, LSE, LOSS, n_rows, queue_rows, dim,
+                        stride_row, stride_col, stride_queue_row, stride_queue_col, inv_temp,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    dim_ok = dims < dim
+    offsets = rows[:, None] * stride_row + dims[None, :] * stride_col
+    mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + offsets, mask=mask, other=0.0)
+    k = tl.load(K + offsets, mask=mask, other=0.0)
+    positive = tl.sum(q.to(ACC) * k.to(ACC), axis=1) * inv_temp
+    start = tl.load(START)
+    count = tl.load(COUNT)
+
+    # The positive is the first term of every row's sum: the running max starts there.
+    run_max = positive
+    run_sum = tl.full([BLOCK_M], 1.0, dtype=ACC)
+    for col0 in range(0, queue_rows, BLOCK_N):
+        s, _ = _queue_tile(q, QUEUE, start, count, queue_rows, dim, stride_queue_row, stride_queue_col,
+                           col0, inv_temp, dims, dim_ok, BLOCK_N, DOT_PRECISION, ACC)
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+    log_sum = tl.log(run_sum)
+    tl.store(LSE + rows, run_max + log_sum, mask=row_ok)
+    tl.store(LOSS + rows, (run_max - positive) + log_sum, mask=row_ok)  # no lse - pos cancellation
+
+
+@triton.jit
+def _infonce_bwd_kernel(Q, K, QUEUE, START, COUNT, LSE, GRAD, DQ, DK, n_rows, queue_rows, dim,
+                        stride_row, stride_col, stride_queue_row, stride_queue_col, inv_temp,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    dim_ok = dims < dim
+    offsets = rows[:, None] * stride_row + dims[None, :] * stride_col
+    mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + offsets, mask=mask, other=0.0)
+    k = tl.load(K + offsets, mask=mask, other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    g = tl.load(GRAD + rows, mask=row_ok, other=0.0)
+    start = tl.load(START)
+    count = tl.load(COUNT)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)  # sum_m P_im queue_m
+    for col0 in range(0, queue_rows, BLOCK_N):
+        s, keys = _queue_tile(q, QUEUE, start, count, queue_rows, dim, stride_queue_row,
+                              stride_queue_col, col0, inv_temp, dims, dim_ok, BLOCK_N,
+                              DOT_PRECISION, ACC)
+        p = tl.exp(s - lse[:, None])  # -inf outside the window -> 0
+        acc += tl.dot(p.to(keys.dtype), keys, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+    positive = tl.sum(q.to(ACC) * k.to(ACC), axis=1) * inv_temp
+    coef = tl.exp(positive - lse) - 1.0  # d l_i / d pos_i
+    dq = (acc + coef[:, None] * k.to(ACC)) * (g * inv_temp)[:, None]
+    dk = q.to(ACC) * (coef * g * inv_temp)[:, None]
+    tl.store(DQ + offsets, dq.to(DQ.dtype.element_ty), mask=mask)
+    tl.store(DK + offsets, dk.to(DK.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _accumulate_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _triton_config(q):
+    block_d = max(16, triton.next_power_of_2(q.shape[1]))
+    block_m, block_n = (64, 64) if block_d <= 128 else (32, 64) if block_d <= 256 else (16, 32)
+    if q.dtype == torch.float64:
+        precision = "ieee"
+    elif q.dtype == torch.float32:
+        precision = {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
+    else:
+        precision = "tf32"  # ignored for fp16/bf16 inputs
+    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision, ACC=acc,
+                num_warps=4 if block_d <= 128 else 8)
+
+
+def _triton_args(q, k, queue):
+    if q.shape[1] > TRITON_MAX_DIM:
+        raise ValueError(f"backend='triton' supports D <= {TRITON_MAX_DIM}, got D={q.shape[1]}")
+    # q and k share strides so one offset grid serves both; the queue keeps its own.
+    q, k = q.contiguous(), k.contiguous()
+    return q, k, queue.to(q.dtype)
+
+
+def _triton_forward(q, k, queue, start, count, inv_temp):
+    q, k, queue = _triton_args(q, k, queue)
+    n_rows = q.shape[0]
+    lse = torch.empty(n_rows, device=q.device, dtype=_accumulate_dtype(q))
+    loss = torch.empty_like(lse)
+    config = _triton_config(q)
+    grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
+    _infonce_fwd_kernel[grid](q, k, queue, start, count, lse, loss, n_rows, queue.shape[0], q.shape[1],
+                              q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), inv_temp, **config)
+    return loss, lse
+
+
+def _triton_backward(q, k, queue, start, count, lse, grad_rows, inv_temp):
+    q, k, queue = _triton_args(q, k, queue)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    config = _triton_config(q)
+    grid = (triton.cdiv(q.shape[0], config["BLOCK_M"]),)
+    _infonce_bwd_kernel[grid](q, k, queue, start, count, lse, grad_rows.to(lse.dtype).contiguous(), dq, dk,
+                              q.shape[0], queue.shape[0], q.shape[1], q.stride(0), q.stride(1),
+                              queue.stride(0), queue.stride(1), inv_temp, **config)
+    return dq, dk
+
+
+def _torch_chunks(q, queue, start, count, inv_temp):
+    """Yields (similarity chunk with -inf outside the window, queue chunk): ~1M values each."""
+    size = queue.shape[0]
+    chunk = max(1, (1 << 20) // q.shape[0])
+    for first in range(0, size, chunk):
+        keys = queue[first:first + chunk].to(q.dtype)
+        s = (q @ keys.T).mul_(inv_temp)
+        rows = torch.arange(first, first + keys.shape[0], device=q.device)
+        outside = (rows - start).remainder(size) >= count
+        yield s.masked_fill_(outside, float("-inf")), keys
+
+
+def _torch_forward(q, k, queue, start, count, inv_temp):
+    qc, kc = q.to(_accumulate_dtype(q)), k.to(_accumulate_dtype(q))
+    positive = (qc * kc).sum(dim=1) * inv_temp
+    row_max, row_sum = positive.clone(), torch.ones_like(positive)
+    for s, _ in _torch_chunks(qc, queue, start, count, inv_temp):
+        new_max = torch.maximum(row_max, s.amax(dim=1))
+        row_sum = row_sum * (row_max - new_max).exp() + (s - new_max[:, None]).exp_().sum(dim=1)
+        row_max = new_max
+    log_sum = row_sum.log()
+    return (row_max - positive) + log_sum, row_max + log_sum
+
+
+def _torch_backward(q, k, queue, start, count, lse, grad_rows, inv_temp):
+    qc, kc = q.to(lse.dtype), k.to(lse.dtype)
+    g = grad_rows.to(lse.dtype)
+    acc = torch.zeros_like(qc)
+    for s, keys in _torch_chunks(qc, queue, start, count, inv_temp):
+        acc.addmm_(s.sub_(lse[:, None]).exp_(), keys)
+    coef = ((qc * kc).sum(dim=1) * inv_temp - lse).exp() - 1.0
+    dq = (acc + coef[:, None] * kc) * (g * inv_temp)[:, None]
+    dk = qc * (coef * g * inv_temp)[:, None]
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+def _native_forward(q, k, queue, start, count, inv_temp):
+    return torch.ops.contrastive_kernels.infonce_fwd(q, k, queue, start, count, inv_temp)
+
+
+def _native_backward(q, k, queue, start, count, lse, grad_rows, inv_temp):
+    dq, dk = torch.ops.contrastive_kernels.infonce_bwd(q, k, queue, start, count, lse, grad_rows, inv_temp)
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+_FORWARD = {"triton": _triton_forward, "cpu": _native_forward, "torch": _torch_forward}
+_BACKWARD = {"triton": _triton_backward, "cpu": _native_backward, "torch": _torch_backward}
+
+
+# ----------------------------------------------------------------------------------------
+# Registered ops and autograd
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("contrastive_kernels::infonce", mutates_args=())
+def infonce_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, start: torch.Tensor,
+                 count: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row InfoNCE losses (q's dtype) and log-sum-exps (float32, float64 for float64 q)."""
+    chosen = resolve("fused_infonce", backend, q.device, SUPPORTED_BACKENDS)
+    loss, lse = _FORWARD[chosen](q, k, queue, start, count, 1.0 / temperature)
+    return loss.to(q.dtype), lse
+
+
+@infonce_rows.register_fake
+def _(q, k, queue, start, count, temperature, backend):
+    return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=_accumulate_dtype(q))
+
+
+@torch.library.custom_op("contrastive_kernels::infonce_backward", mutates_args=())
+def infonce_backward(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, start: torch.Tensor,
+                     count: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, temperature: float,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_rows[i] * l_i with respect to q and k."""
+    chosen = resolve("fused_infonce", backend, q.device, SUPPORTED_BACKENDS)
+    return _BACKWARD[chosen](q, k, queue, start, count, lse, grad_rows, 1.0 / temperature)
+
+
+@infonce_backward.register_fake
+def _(q, k, queue, start, count, lse, grad_rows, temperature, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, queue, start, count, temperature, backend = inputs
+    ctx.save_for_backward(q, k, queue, start, count, output[1])
+    ctx.temperature, ctx.backend = temperature, backend
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    q, k, queue, start, count, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dq, dk = infonce_backward(q, k, queue, start, count, lse, grad_loss, ctx.temperature, ctx.backend)
+    return dq, dk, None, None, None, None, None
+
+
+infonce_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------
+def _check_inputs(q, k, queue, temperature, normalize, reduction, backend):
+    for name, t in (("q", q), ("k", k), ("queue", queue)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or KeyQueue, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if queue.shape[1] != q.shape[1]:
+        raise ValueError(f"queue rows must have D={q.shape[1]} like q, got shape {tuple(queue.shape)}")
+    for name, t in (("k", k), ("queue", queue)):
+        if t.device != q.device:
+            raise ValueError(f"q and {name} must be on the same device, got {q.device} and {t.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_backend_name(backend)
+
+
+def fused_infonce(q, k, queue, temperature=0.07, *, normalize=True, reduction="mean", backend="auto"):
+    """MoCo's InfoNCE loss of queries q (N x D) with positive keys k (N x D) against `queue`
+    (a (K, D) tensor, or a KeyQueue whose filled rows are the negatives), without the N x (1+K)
+    logits. Same value as `contrastive_kernels.reference.infonce`. Gradients reach q and k,
+    never the queue. reduction: "mean", "sum" or "none" (shape (N,))."""
+    if isinstance(queue, KeyQueue):
+        queue_rows, (start, count) = queue.buffer, queue.window()
+    else:
+        queue_rows = queue
+        start = count = None
+    _check_inputs(q, k, queue_rows, temperature, normalize, reduction, backend)
+    if start is None:  # a plain tensor: every row is a negative
+        start = torch.zeros((), dtype=torch.int64, device=q.device)
+        count = torch.full((), queue_rows.shape[0], dtype=torch.int64, device=q.device)
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    rows, _ = infonce_rows(q, k, queue_rows.detach(), start, count, float(temperature), backend)
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
