@@ -9,9 +9,10 @@ import sys
 import torch
 
 from . import _backends, _build
-from .ops import ntxent
+from .ops import infonce, ntxent, queue
 
-OPS = {"fused_ntxent": ntxent.SUPPORTED_BACKENDS}
+OPS = {"fused_ntxent": ntxent.SUPPORTED_BACKENDS, "fused_infonce": infonce.SUPPORTED_BACKENDS,
+       "KeyQueue.enqueue": queue.SUPPORTED_BACKENDS}
 
 
 def _first_line(command):
@@ -45,7 +46,7 @@ def env_report():
         for device in devices:
             for backend in backends:
                 reason = _backends.unavailable_reason(backend, device)
-                lines.append(f"  {op:<14} {device.type:<5} {backend:<7} "
+                lines.append(f"  {op:<17} {device.type:<5} {backend:<7} "
                              f"{'live' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
