@@ -215,3 +215,21 @@ def test_gpu_against_reference_error(backend, dtype):
                             q64, k64, upstream.double())
     for name, o, e, x in zip(("loss", "grad q", "grad k"), ours, eager, oracle):
         assert_within_reference_error(o, e, x, factor=3, ulps=4, name=f"{backend} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_key_queue_loss_never_syncs(backend):
+    queue = KeyQueue(4096, 128, device="cuda")
+    held = F.normalize(torch.randn(1000, 128, device="cuda"), dim=1)
+    q, k, _ = inputs(64, 128, 1, torch.float32, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        queue.enqueue(held)
+        loss = fused_infonce(q, k, queue, 0.2, backend=backend)
+        grads = torch.autograd.grad(loss, (q, k))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = loss_and_grads(lambda a, b: reference.infonce(a, b, held, 0.2), q, k)
+    for a, e in zip((loss, *grads), expected):
+        assert_close(a, e, rtol=2e-4, atol=1e-5)
