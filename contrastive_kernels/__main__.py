@@ -9,10 +9,10 @@ import sys
 import torch
 
 from . import _backends, _build
-from .ops import infonce, ntxent, queue
+from .ops import infonce, momentum, ntxent, queue
 
 OPS = {"fused_ntxent": ntxent.SUPPORTED_BACKENDS, "fused_infonce": infonce.SUPPORTED_BACKENDS,
-       "KeyQueue.enqueue": queue.SUPPORTED_BACKENDS}
+       "momentum_update": momentum.SUPPORTED_BACKENDS, "KeyQueue.enqueue": queue.SUPPORTED_BACKENDS}
 
 
 def _first_line(command):
