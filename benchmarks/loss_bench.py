@@ -114,6 +114,9 @@ class LossBenchmark:
                 with_mem = [r for r in mine if isinstance(r["peak_mb"], float)]
                 row_axes[1].plot([r[x_key] for r in with_mem], [max(r["peak_mb"], 0.1) for r in with_mem], **style)
             for ax, label in zip(row_axes, ("forward+backward time (ms)", "peak memory growth (MB)")):
+                if not any(len(line.get_xdata()) for line in ax.lines):  # --no-memory
+                    ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+                    continue
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel(x_key)

@@ -16,10 +16,8 @@ TORCH_LIBRARY(contrastive_kernels, m) {
   // head = (head + B) % K and count = min(count + B, K). head and count are int64 scalars.
   m.def("queue_enqueue_(Tensor(a!) buffer, Tensor(b!) head, Tensor(c!) count, Tensor keys) -> ()");
   // MoCo InfoNCE of queries q against positives k and the queue rows m with
-  // (m - start) mod K < count (start, count: int64 scalars). Per-row losses and log-sum-exps.
+  // (m - start) mod K < count (start, count: int64 scalars). Per-row losses and log-sum-exps and,
+  // if with_weighted, sum_m P_im queue_m (N x D; else 0 x D), from which autograd builds dq, dk.
   m.def("infonce_fwd(Tensor q, Tensor k, Tensor queue, Tensor start, Tensor count, "
-        "float inv_temperature) -> (Tensor, Tensor)");
-  // (grad q, grad k) given the per-row upstream gradients.
-  m.def("infonce_bwd(Tensor q, Tensor k, Tensor queue, Tensor start, Tensor count, Tensor lse, "
-        "Tensor grad_rows, float inv_temperature) -> (Tensor, Tensor)");
+        "float inv_temperature, bool with_weighted) -> (Tensor, Tensor, Tensor)");
 }

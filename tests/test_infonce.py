@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from contrastive_kernels import KeyQueue, fused_infonce, reference
 from contrastive_kernels.nn import InfoNCELoss
-from contrastive_kernels.ops.infonce import infonce_backward, infonce_rows
+from contrastive_kernels.ops.infonce import infonce_rows
 from helpers import assert_close, assert_within_reference_error, cpu_backends
 
 BACKENDS = cpu_backends()
@@ -175,13 +175,24 @@ def test_bad_input_names_the_argument(args, kwargs, error, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("with_weighted", [True, False])
+def test_opcheck(backend, with_weighted):
     q, k, queue = inputs(6, 10, 20)
+    if not with_weighted:
+        q, k = q.detach(), k.detach()
     start, count = torch.tensor(3), torch.tensor(15)
-    torch.library.opcheck(infonce_rows, (q, k, queue, start, count, 0.3, backend))
-    _, lse = infonce_rows(q, k, queue, start, count, 0.3, backend)
-    torch.library.opcheck(infonce_backward, (q.detach(), k.detach(), queue, start, count, lse.detach(),
-                                             torch.rand(6, dtype=torch.float64), 0.3, backend))
+    torch.library.opcheck(infonce_rows, (q, k, queue, start, count, 0.3, with_weighted, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_forward_keeps_no_weighted_sums(backend):
+    q, k, queue = inputs(5, 8, 40)
+    with torch.no_grad():
+        loss = fused_infonce(q, k, queue, backend=backend, reduction="none")
+    assert_close(loss, reference.infonce(q, k, queue, reduction="none").detach(), rtol=1e-10)
+    _, _, weighted = infonce_rows(q.detach(), k.detach(), queue, torch.tensor(0), torch.tensor(40), 0.07, False,
+                                  backend)
+    assert weighted.shape == (0, 8)
 
 
 @pytest.mark.slow

@@ -5,13 +5,17 @@ pos_i = q_i . k_i / T, s_im = q_i . queue_m / T over the queue rows m in the win
 the device), and  l_i = -pos_i + log(exp(pos_i) + sum_m exp(s_im))  (DESIGN section 2), the
 value of MoCo's cat([l_pos, l_neg]) / T + cross-entropy against label 0.
 
+dl_i/dq_i = (1/T) [(P0_i - 1) k_i + sum_m P_im queue_m], dl_i/dk_i = (1/T)(P0_i - 1) q_i with P
+the softmax over [pos_i, s_i.]. Every backend's forward, when a gradient will be wanted, also
+accumulates W_i = sum_m P_im queue_m as flash attention accumulates its output (online
+rescaling), so the backward is O(N*D) torch ops: two GEMMs over the queue in all, as many as
+eager MoCo, and no N x K buffer. (A backward that recomputed the tiles would need a third.)
+
 Backends (DESIGN section 4):
-  triton  forward streams queue tiles with an online log-sum-exp and saves the row LSE;
-          backward recomputes the tiles, one program per row block, with no N x K buffer:
-          dq_i = g_i / T [(P0_i - 1) k_i + sum_m P_im queue_m],  dk_i = g_i / T (P0_i - 1) q_i.
+  triton  streams queue tiles with an online log-sum-exp (and W), one program per row block.
           fp32 accumulation (fp64 for fp64); tested under TRITON_INTERPRET=1 in fp64, fp32 and
           fp16; bf16 and compiled kernels need a GPU (tests marked `gpu`). D <= 1024.
-  cpu     csrc/cpu/infonce.cpp: the queue split over threads in blocks, one GEMM per block.
+  cpu     csrc/cpu/infonce.cpp: the queue split over threads in blocks, GEMMs per block.
   torch   pure PyTorch, chunked over the queue: O(N * chunk) memory.
 
 q and k are L2-normalised (normalize=True) by torch ops around the registered op
@@ -27,7 +31,7 @@ from .queue import KeyQueue
 
 SUPPORTED_BACKENDS = ("triton", "cpu", "torch")
 REDUCTIONS = ("mean", "sum", "none")
-TRITON_MAX_DIM = 1024  # the backward keeps a BLOCK_M x D accumulator in registers
+TRITON_MAX_DIM = 1024  # the forward keeps a BLOCK_M x D accumulator in registers
 
 
 # ----------------------------------------------------------------------------------------
@@ -48,10 +52,10 @@ def _queue_tile(Q_ROWS, QUEUE, START, COUNT, queue_rows, dim, stride_queue_row, 
 
 
 @triton.jit
-def _infonce_fwd_kernel(Q, K, QUEUE, START, COUNT, LSE, LOSS, n_rows, queue_rows, dim,
+def _infonce_fwd_kernel(Q, K, QUEUE, START, COUNT, LSE, LOSS, WEIGHTED, n_rows, queue_rows, dim,
                         stride_row, stride_col, stride_queue_row, stride_queue_col, inv_temp,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, WITH_WEIGHTED: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
@@ -67,49 +71,25 @@ def _infonce_fwd_kernel(Q, K, QUEUE, START, COUNT, LSE, LOSS, n_rows, queue_rows
     # The positive is the first term of every row's sum: the running max starts there.
     run_max = positive
     run_sum = tl.full([BLOCK_M], 1.0, dtype=ACC)
-    for col0 in range(0, queue_rows, BLOCK_N):
-        s, _ = _queue_tile(q, QUEUE, start, count, queue_rows, dim, stride_queue_row, stride_queue_col,
-                           col0, inv_temp, dims, dim_ok, BLOCK_N, DOT_PRECISION, ACC)
-        new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
-        run_max = new_max
-    log_sum = tl.log(run_sum)
-    tl.store(LSE + rows, run_max + log_sum, mask=row_ok)
-    tl.store(LOSS + rows, (run_max - positive) + log_sum, mask=row_ok)  # no lse - pos cancellation
-
-
-@triton.jit
-def _infonce_bwd_kernel(Q, K, QUEUE, START, COUNT, LSE, GRAD, DQ, DK, n_rows, queue_rows, dim,
-                        stride_row, stride_col, stride_queue_row, stride_queue_col, inv_temp,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
-    dim_ok = dims < dim
-    offsets = rows[:, None] * stride_row + dims[None, :] * stride_col
-    mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + offsets, mask=mask, other=0.0)
-    k = tl.load(K + offsets, mask=mask, other=0.0)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    g = tl.load(GRAD + rows, mask=row_ok, other=0.0)
-    start = tl.load(START)
-    count = tl.load(COUNT)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)  # sum_m P_im queue_m
+    weighted = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)  # sum_m exp(s_im - run_max_i) queue_m
     for col0 in range(0, queue_rows, BLOCK_N):
         s, keys = _queue_tile(q, QUEUE, start, count, queue_rows, dim, stride_queue_row,
                               stride_queue_col, col0, inv_temp, dims, dim_ok, BLOCK_N,
                               DOT_PRECISION, ACC)
-        p = tl.exp(s - lse[:, None])  # -inf outside the window -> 0
-        acc += tl.dot(p.to(keys.dtype), keys, input_precision=DOT_PRECISION, out_dtype=ACC)
-
-    positive = tl.sum(q.to(ACC) * k.to(ACC), axis=1) * inv_temp
-    coef = tl.exp(positive - lse) - 1.0  # d l_i / d pos_i
-    dq = (acc + coef[:, None] * k.to(ACC)) * (g * inv_temp)[:, None]
-    dk = q.to(ACC) * (coef * g * inv_temp)[:, None]
-    tl.store(DQ + offsets, dq.to(DQ.dtype.element_ty), mask=mask)
-    tl.store(DK + offsets, dk.to(DK.dtype.element_ty), mask=mask)
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        rescale = tl.exp(run_max - new_max)
+        p = tl.exp(s - new_max[:, None])  # -inf outside the window -> 0
+        run_sum = run_sum * rescale + tl.sum(p, axis=1)
+        run_max = new_max
+        if WITH_WEIGHTED:
+            # P goes into the GEMM in the input dtype, as flash-attention does.
+            weighted = weighted * rescale[:, None] + tl.dot(p.to(keys.dtype), keys,
+                                                            input_precision=DOT_PRECISION, out_dtype=ACC)
+    log_sum = tl.log(run_sum)
+    tl.store(LSE + rows, run_max + log_sum, mask=row_ok)
+    tl.store(LOSS + rows, (run_max - positive) + log_sum, mask=row_ok)  # no lse - pos cancellation
+    if WITH_WEIGHTED:
+        tl.store(WEIGHTED + offsets, (weighted / run_sum[:, None]).to(WEIGHTED.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,76 +121,50 @@ def _triton_args(q, k, queue):
     return q, k, queue.to(q.dtype)
 
 
-def _triton_forward(q, k, queue, start, count, inv_temp):
+def _triton_forward(q, k, queue, start, count, inv_temp, with_weighted):
     q, k, queue = _triton_args(q, k, queue)
     n_rows = q.shape[0]
     lse = torch.empty(n_rows, device=q.device, dtype=_accumulate_dtype(q))
     loss = torch.empty_like(lse)
+    weighted = torch.empty((n_rows if with_weighted else 0, q.shape[1]), device=q.device, dtype=lse.dtype)
     config = _triton_config(q)
     grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
-    _infonce_fwd_kernel[grid](q, k, queue, start, count, lse, loss, n_rows, queue.shape[0], q.shape[1],
-                              q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), inv_temp, **config)
-    return loss, lse
+    _infonce_fwd_kernel[grid](q, k, queue, start, count, lse, loss, weighted, n_rows, queue.shape[0],
+                              q.shape[1], q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), inv_temp,
+                              WITH_WEIGHTED=with_weighted, **config)
+    return loss, lse, weighted
 
 
-def _triton_backward(q, k, queue, start, count, lse, grad_rows, inv_temp):
-    q, k, queue = _triton_args(q, k, queue)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    config = _triton_config(q)
-    grid = (triton.cdiv(q.shape[0], config["BLOCK_M"]),)
-    _infonce_bwd_kernel[grid](q, k, queue, start, count, lse, grad_rows.to(lse.dtype).contiguous(), dq, dk,
-                              q.shape[0], queue.shape[0], q.shape[1], q.stride(0), q.stride(1),
-                              queue.stride(0), queue.stride(1), inv_temp, **config)
-    return dq, dk
-
-
-def _torch_chunks(q, queue, start, count, inv_temp):
-    """Yields (similarity chunk with -inf outside the window, queue chunk): ~1M values each."""
-    size = queue.shape[0]
-    chunk = max(1, (1 << 20) // q.shape[0])
-    for first in range(0, size, chunk):
-        keys = queue[first:first + chunk].to(q.dtype)
-        s = (q @ keys.T).mul_(inv_temp)
-        rows = torch.arange(first, first + keys.shape[0], device=q.device)
-        outside = (rows - start).remainder(size) >= count
-        yield s.masked_fill_(outside, float("-inf")), keys
-
-
-def _torch_forward(q, k, queue, start, count, inv_temp):
+def _torch_forward(q, k, queue, start, count, inv_temp, with_weighted):
     qc, kc = q.to(_accumulate_dtype(q)), k.to(_accumulate_dtype(q))
     positive = (qc * kc).sum(dim=1) * inv_temp
     row_max, row_sum = positive.clone(), torch.ones_like(positive)
-    for s, _ in _torch_chunks(qc, queue, start, count, inv_temp):
+    weighted = torch.zeros_like(qc) if with_weighted else qc.new_empty(0, qc.shape[1])
+    size = queue.shape[0]
+    chunk = max(1, (1 << 20) // qc.shape[0])  # (N x chunk) similarities: ~1M values
+    for first in range(0, size, chunk):
+        keys = queue[first:first + chunk].to(qc.dtype)
+        s = (qc @ keys.T).mul_(inv_temp)
+        outside = (torch.arange(first, first + keys.shape[0], device=q.device) - start).remainder(size) >= count
+        s.masked_fill_(outside, float("-inf"))
         new_max = torch.maximum(row_max, s.amax(dim=1))
-        row_sum = row_sum * (row_max - new_max).exp() + (s - new_max[:, None]).exp_().sum(dim=1)
+        rescale = (row_max - new_max).exp_()
+        p = s.sub_(new_max[:, None]).exp_()
+        row_sum = row_sum * rescale + p.sum(dim=1)
         row_max = new_max
+        if with_weighted:
+            weighted.mul_(rescale[:, None]).addmm_(p, keys)
     log_sum = row_sum.log()
-    return (row_max - positive) + log_sum, row_max + log_sum
+    if with_weighted:
+        weighted /= row_sum[:, None]
+    return (row_max - positive) + log_sum, row_max + log_sum, weighted
 
 
-def _torch_backward(q, k, queue, start, count, lse, grad_rows, inv_temp):
-    qc, kc = q.to(lse.dtype), k.to(lse.dtype)
-    g = grad_rows.to(lse.dtype)
-    acc = torch.zeros_like(qc)
-    for s, keys in _torch_chunks(qc, queue, start, count, inv_temp):
-        acc.addmm_(s.sub_(lse[:, None]).exp_(), keys)
-    coef = ((qc * kc).sum(dim=1) * inv_temp - lse).exp() - 1.0
-    dq = (acc + coef[:, None] * kc) * (g * inv_temp)[:, None]
-    dk = qc * (coef * g * inv_temp)[:, None]
-    return dq.to(q.dtype), dk.to(k.dtype)
-
-
-def _native_forward(q, k, queue, start, count, inv_temp):
-    return torch.ops.contrastive_kernels.infonce_fwd(q, k, queue, start, count, inv_temp)
-
-
-def _native_backward(q, k, queue, start, count, lse, grad_rows, inv_temp):
-    dq, dk = torch.ops.contrastive_kernels.infonce_bwd(q, k, queue, start, count, lse, grad_rows, inv_temp)
-    return dq.to(q.dtype), dk.to(k.dtype)
+def _native_forward(q, k, queue, start, count, inv_temp, with_weighted):
+    return torch.ops.contrastive_kernels.infonce_fwd(q, k, queue, start, count, inv_temp, with_weighted)
 
 
 _FORWARD = {"triton": _triton_forward, "cpu": _native_forward, "torch": _torch_forward}
-_BACKWARD = {"triton": _triton_backward, "cpu": _native_backward, "torch": _torch_backward}
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,44 +172,40 @@ _BACKWARD = {"triton": _triton_backward, "cpu": _native_backward, "torch": _torc
 # ----------------------------------------------------------------------------------------
 @torch.library.custom_op("contrastive_kernels::infonce", mutates_args=())
 def infonce_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, start: torch.Tensor,
-                 count: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row InfoNCE losses (q's dtype) and log-sum-exps (float32, float64 for float64 q)."""
+                 count: torch.Tensor, temperature: float, with_weighted: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row InfoNCE losses (q's dtype), log-sum-exps and, if with_weighted, the softmax-weighted
+    queue sums W (N x D, else 0 x D); both float32, float64 for float64 q."""
     chosen = resolve("fused_infonce", backend, q.device, SUPPORTED_BACKENDS)
-    loss, lse = _FORWARD[chosen](q, k, queue, start, count, 1.0 / temperature)
-    return loss.to(q.dtype), lse
+    loss, lse, weighted = _FORWARD[chosen](q, k, queue, start, count, 1.0 / temperature, with_weighted)
+    return loss.to(q.dtype), lse, weighted
 
 
 @infonce_rows.register_fake
-def _(q, k, queue, start, count, temperature, backend):
-    return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=_accumulate_dtype(q))
-
-
-@torch.library.custom_op("contrastive_kernels::infonce_backward", mutates_args=())
-def infonce_backward(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, start: torch.Tensor,
-                     count: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, temperature: float,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of sum_i grad_rows[i] * l_i with respect to q and k."""
-    chosen = resolve("fused_infonce", backend, q.device, SUPPORTED_BACKENDS)
-    return _BACKWARD[chosen](q, k, queue, start, count, lse, grad_rows, 1.0 / temperature)
-
-
-@infonce_backward.register_fake
-def _(q, k, queue, start, count, lse, grad_rows, temperature, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+def _(q, k, queue, start, count, temperature, with_weighted, backend):
+    acc = _accumulate_dtype(q)
+    return (q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=acc),
+            q.new_empty((q.shape[0] if with_weighted else 0, q.shape[1]), dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, queue, start, count, temperature, backend = inputs
-    ctx.save_for_backward(q, k, queue, start, count, output[1])
-    ctx.temperature, ctx.backend = temperature, backend
+    q, k, _, _, _, temperature, _, _ = inputs
+    ctx.save_for_backward(q, k, output[1], output[2])
+    ctx.temperature = temperature
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    q, k, queue, start, count, lse = ctx.saved_tensors
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    dq, dk = infonce_backward(q, k, queue, start, count, lse, grad_loss, ctx.temperature, ctx.backend)
-    return dq, dk, None, None, None, None, None
+def _backward(ctx, grad_loss, grad_lse, grad_weighted):
+    q, k, lse, weighted = ctx.saved_tensors
+    if weighted.shape[0] != q.shape[0]:
+        raise RuntimeError("fused_infonce ran its forward without a gradient in view (grad mode off, or "
+                           "neither q nor k requiring grad), so it kept nothing to differentiate")
+    inv_temp = 1.0 / ctx.temperature
+    qc, kc = q.to(lse.dtype), k.to(lse.dtype)
+    g = (torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)) * inv_temp
+    coef = ((qc * kc).sum(dim=1) * inv_temp - lse).exp() - 1.0  # d l_i / d pos_i = P0_i - 1
+    grad_q = (weighted + coef[:, None] * kc) * g[:, None]
+    grad_k = qc * (coef * g)[:, None]
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), None, None, None, None, None, None
 
 
 infonce_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -310,7 +260,9 @@ def fused_infonce(q, k, queue, temperature=0.07, *, normalize=True, reduction="m
         count = torch.full((), queue_rows.shape[0], dtype=torch.int64, device=q.device)
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    rows, _ = infonce_rows(q, k, queue_rows.detach(), start, count, float(temperature), backend)
+    with_weighted = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    rows, _, _ = infonce_rows(q, k, queue_rows.detach(), start, count, float(temperature), with_weighted,
+                              backend)
     if reduction == "mean":
         return rows.mean()
     if reduction == "sum":

@@ -3,10 +3,11 @@
 // l_i = -pos_i + log(exp(pos_i) + sum_m exp(s_im)),  pos_i = q_i.k_i / T,  s_im = q_i.queue_m / T,
 // over the queue rows m with (m - start) mod K < count (the filled rows of a KeyQueue).
 // MoCo has few queries (N ~ 256) and many negatives (K ~ 65536), so the work is split over the
-// queue (split-K): each worker takes blocks of kBlock queue rows, one GEMM per block,
-//   forward:  per-row (max, sum of exp) partials, merged across workers with the positive;
-//   backward: P_im = g_i exp(s_im - lse_i), dq += P @ queue_block in the worker's own (N x D)
-//             accumulator, summed at the end; then the positive's terms, which are O(N*D).
+// queue (split-K): each worker takes blocks of kBlock queue rows, one GEMM per block for the
+// similarities and, when a gradient is wanted, one more for sum_m P_im queue_m (accumulated with
+// online rescaling, as flash attention's output). Per-row (max, sum, accumulator) partials are
+// merged across workers with the positive at the end. The backward is then O(N*D) (Python):
+// 2 GEMMs over the queue in all, as many as eager MoCo, and no N x K buffer.
 // float32 and float64; float16/bfloat16 inputs are computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -83,80 +84,69 @@ std::vector<T> positives(const at::Tensor& q, const at::Tensor& k, double inv_te
   return pos;
 }
 
+// Forward over the queue blocks. With `weighted` defined it also accumulates, as flash
+// attention does for its output, sum_m P_im queue_m (P the softmax over the positive and the
+// window): the whole of dq but for the positive's term, so the backward needs no second pass.
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, const QueueWindow& win,
-                  double inv_temperature, at::Tensor& loss, at::Tensor& lse) {
-  const int64_t n = q.size(0), workers = num_workers(queue.size(0));
+                  double inv_temperature, at::Tensor& loss, at::Tensor& lse, at::Tensor& weighted) {
+  const int64_t n = q.size(0), dim = q.size(1), workers = num_workers(queue.size(0));
+  const bool accumulate = weighted.defined();
   const T neg_inf = -std::numeric_limits<T>::infinity();
   std::vector<T> part_max(workers * n, neg_inf), part_sum(workers * n, T(0));
+  // One (N x D) accumulator per worker, relative to that worker's running row maxima.
+  at::Tensor part_acc = accumulate ? at::zeros({workers, n, dim}, q.options()) : at::Tensor();
   for_each_queue_block(q, queue.size(0), workers, [&](int64_t first, int64_t rows, int64_t worker,
                                                       at::Tensor& scratch) {
     at::Tensor s = similarity_block<T>(q, queue, first, rows, inv_temperature, win, scratch);
-    const T* sp = s.data_ptr<T>();
+    T* sp = s.data_ptr<T>();
+    T* acc = accumulate ? part_acc[worker].data_ptr<T>() : nullptr;
     for (int64_t r = 0; r < n; ++r) {
-      const T* sr = sp + r * rows;
+      T* sr = sp + r * rows;
       T mx = neg_inf, sum = 0;
 #pragma omp simd reduction(max : mx)
       for (int64_t c = 0; c < rows; ++c) mx = std::max(mx, sr[c]);
-      if (mx == neg_inf) continue;  // no valid queue row in this block
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < rows; ++c) sum += fast_exp(sr[c] - mx);
       T& m = part_max[worker * n + r];
       T& l = part_sum[worker * n + r];
       const T new_max = std::max(m, mx);
-      l = l * std::exp(m - new_max) + sum * std::exp(mx - new_max);
+      if (new_max == neg_inf) {  // nothing in the window yet for this row
+        if (accumulate) std::fill(sr, sr + rows, T(0));
+        continue;
+      }
+      // exp(s - new_max) in place: the P block of the accumulating GEMM (-inf -> 0).
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < rows; ++c) sum += (sr[c] = fast_exp(sr[c] - new_max));
+      const T rescale = std::exp(m - new_max);
+      l = l * rescale + sum;
       m = new_max;
+      if (accumulate && rescale != T(1))
+        for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] *= rescale;
     }
+    if (accumulate) part_acc[worker].addmm_(s, queue.narrow(0, first, rows));
   });
   const std::vector<T> pos = positives<T>(q, k, inv_temperature);
   T* loss_p = loss.data_ptr<T>();
   T* lse_p = lse.data_ptr<T>();
+  std::vector<T> worker_scale(workers);
   for (int64_t r = 0; r < n; ++r) {
     T m = pos[r];
     for (int64_t w = 0; w < workers; ++w) m = std::max(m, part_max[w * n + r]);
     T l = std::exp(pos[r] - m);
-    for (int64_t w = 0; w < workers; ++w) l += part_sum[w * n + r] * std::exp(part_max[w * n + r] - m);
+    for (int64_t w = 0; w < workers; ++w) {
+      worker_scale[w] = std::exp(part_max[w * n + r] - m);  // 0 for a worker that saw nothing
+      l += part_sum[w * n + r] * worker_scale[w];
+    }
     const T log_sum = std::log(l);
     lse_p[r] = m + log_sum;
     loss_p[r] = (m - pos[r]) + log_sum;  // lse - pos would cancel a small loss's digits
-  }
-}
-
-template <typename T>
-void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, const QueueWindow& win,
-                   const at::Tensor& lse, const at::Tensor& grad, double inv_temperature, at::Tensor& dq,
-                   at::Tensor& dk) {
-  const int64_t n = q.size(0), dim = q.size(1), workers = num_workers(queue.size(0));
-  const T* lse_p = lse.data_ptr<T>();
-  const T* g = grad.data_ptr<T>();
-  at::Tensor partial = at::zeros({workers, n, dim}, q.options());  // one dq accumulator per worker
-  for_each_queue_block(q, queue.size(0), workers, [&](int64_t first, int64_t rows, int64_t worker,
-                                                      at::Tensor& scratch) {
-    at::Tensor w = similarity_block<T>(q, queue, first, rows, inv_temperature, win, scratch);
-    T* wp = w.data_ptr<T>();
-    for (int64_t r = 0; r < n; ++r) {
-      T* wr = wp + r * rows;
-      const T g_row = g[r], lse_row = lse_p[r];
-#pragma omp simd
-      for (int64_t c = 0; c < rows; ++c) wr[c] = g_row * fast_exp(wr[c] - lse_row);  // -inf -> 0
-    }
-    at::Tensor acc = partial[worker];
-    acc.addmm_(w, queue.narrow(0, first, rows));
-  });
-  at::sum_out(dq, partial, 0);
-  // The positive: d l_i / d pos_i = P0_i - 1 with P0_i = exp(pos_i - lse_i).
-  const std::vector<T> pos = positives<T>(q, k, inv_temperature);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  T* dqp = dq.data_ptr<T>();
-  T* dkp = dk.data_ptr<T>();
-  const T scale = static_cast<T>(inv_temperature);
-  for (int64_t r = 0; r < n; ++r) {
-    const T coef = g[r] * (std::exp(pos[r] - lse_p[r]) - T(1));
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) {
-      dqp[r * dim + d] = scale * (dqp[r * dim + d] + coef * kp[r * dim + d]);
-      dkp[r * dim + d] = scale * coef * qp[r * dim + d];
+    if (accumulate) {
+      T* out = weighted.data_ptr<T>() + r * dim;
+      std::fill(out, out + dim, T(0));
+      for (int64_t w = 0; w < workers; ++w) {
+        const T* acc = part_acc.data_ptr<T>() + (w * n + r) * dim;
+        const T scale = worker_scale[w] / l;
+        for (int64_t d = 0; d < dim; ++d) out[d] += scale * acc[d];
+      }
     }
   }
 }
@@ -171,37 +161,22 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qu
               "infonce: q, k must be (N, D) and queue (K, D)");
 }
 
-std::tuple<at::Tensor, at::Tensor> infonce_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& queue_in, const at::Tensor& start,
-                                               const at::Tensor& count, double inv_temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                           const at::Tensor& queue_in, const at::Tensor& start,
+                                                           const at::Tensor& count, double inv_temperature,
+                                                           bool with_weighted) {
   check_inputs(q_in, k_in, queue_in);
   const auto type = compute_type(q_in);
   // detach: grad mode does not reach the worker threads, and the Python op owns autograd.
   const at::Tensor q = q_in.detach().to(type).contiguous(), k = k_in.detach().to(type).contiguous();
   const at::Tensor queue = queue_in.detach().to(type).contiguous();
   at::Tensor loss = at::empty({q.size(0)}, q.options()), lse = at::empty({q.size(0)}, q.options());
+  at::Tensor weighted = with_weighted ? at::empty_like(q) : at::Tensor();
   const QueueWindow win = window(queue, start, count);
-  AT_DISPATCH_FLOATING_TYPES(type, "infonce_fwd_cpu",
-                             [&] { forward_impl<scalar_t>(q, k, queue, win, inv_temperature, loss, lse); });
-  return {loss, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor> infonce_bwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& queue_in, const at::Tensor& start,
-                                               const at::Tensor& count, const at::Tensor& lse_in,
-                                               const at::Tensor& grad_in, double inv_temperature) {
-  check_inputs(q_in, k_in, queue_in);
-  const auto type = compute_type(q_in);
-  const at::Tensor q = q_in.detach().to(type).contiguous(), k = k_in.detach().to(type).contiguous();
-  const at::Tensor queue = queue_in.detach().to(type).contiguous();
-  const at::Tensor lse = lse_in.detach().to(type).contiguous(), grad = grad_in.detach().to(type).contiguous();
-  TORCH_CHECK(lse.numel() == q.size(0) && grad.numel() == q.size(0), "infonce_bwd: one lse and grad per row");
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k);
-  const QueueWindow win = window(queue, start, count);
-  AT_DISPATCH_FLOATING_TYPES(type, "infonce_bwd_cpu", [&] {
-    backward_impl<scalar_t>(q, k, queue, win, lse, grad, inv_temperature, dq, dk);
+  AT_DISPATCH_FLOATING_TYPES(type, "infonce_fwd_cpu", [&] {
+    forward_impl<scalar_t>(q, k, queue, win, inv_temperature, loss, lse, weighted);
   });
-  return {dq, dk};
+  return {loss, lse, with_weighted ? weighted : at::empty({0, q.size(1)}, q.options())};
 }
 
 }  // namespace
@@ -209,5 +184,4 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd(const at::Tensor& q_in, const at:
 
 TORCH_LIBRARY_IMPL(contrastive_kernels, CPU, m) {
   m.impl("infonce_fwd", &contrastive_kernels::cpu::infonce_fwd);
-  m.impl("infonce_bwd", &contrastive_kernels::cpu::infonce_bwd);
 }
