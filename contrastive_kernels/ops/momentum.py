@@ -21,7 +21,8 @@ Backends (DESIGN section 4):
           tensors, so hundreds of small tensors still share the threads evenly; vectorised loops
           (float16 conversions stay scalar). Tested and benchmarked on a 2-core AVX-512 Xeon:
           ResNet-50 set (25.6M fp32 values) in ~9 ms, ~4x MoCo's loop, ~1.3x _foreach_lerp_.
-  torch   torch._foreach_lerp_ (online cast to the target's dtype first when they differ).
+  torch   torch._foreach_lerp_ (online cast to the target's dtype first when they differ); for
+          m < 0.5, where lerp loses accuracy, _foreach_mul_ + _foreach_add_.
 `auto` on CUDA prefers triton when both lists are flat, else cuda, else torch.
 
 Non-contiguous tensors: the cpu and cuda backends update a non-contiguous target through a dense
@@ -91,7 +92,13 @@ def _triton_update(target, online, momentum):
 
 def _torch_update(target, online, momentum):
     online = [o if o.dtype == t.dtype else o.to(t.dtype) for t, o in zip(target, online)]
-    torch._foreach_lerp_(target, online, 1.0 - momentum)
+    if momentum >= 0.5:  # every real EMA: lerp's weight 1 - m <= 0.5 takes its t + w (o - t) branch
+        torch._foreach_lerp_(target, online, 1.0 - momentum)
+    else:
+        # lerp's other branch, o - (o - t)(1 - w), rounds w = 1 - m to the dtype first: an error
+        # of eps |o - t|, far above the eps (m|t| + (1 - m)|o|) of the two products here.
+        torch._foreach_mul_(target, momentum)
+        torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
 
 def _native_update(target, online, momentum):
