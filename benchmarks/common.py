@@ -82,9 +82,10 @@ def provenance(device):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        # Uncommitted code marks the commit; earlier results being rewritten do not.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        # Uncommitted changes to the code mark the commit; docs and earlier results do not.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "contrastive_kernels",
+                                "csrc", "benchmarks/*.py", "setup.py"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
