@@ -155,9 +155,7 @@ def plot(rows, path, title):
         ax.grid(True, axis="x", alpha=0.3)
         ax.margins(x=0.25)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv=None):

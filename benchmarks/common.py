@@ -131,3 +131,12 @@ def format_table(rows, columns):
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     line = lambda values: "  ".join(str(v).rjust(w) for v, w in zip(values, widths))
     return "\n".join([line(columns), line("-" * w for w in widths)] + [line([r[c] for c in columns]) for r in rows])
+
+
+def save_figure(fig, path):
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

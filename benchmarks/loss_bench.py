@@ -125,9 +125,7 @@ class LossBenchmark:
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
         fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, path)
 
     def main(self, argv=None, description=""):
         parser = argparse.ArgumentParser(description=description)

@@ -82,3 +82,25 @@ def resolve(op_name, backend, device, supported):
     if reason is not None:
         raise ValueError(f"backend={backend!r} is not available for {op_name}: {reason}")
     return backend
+
+
+def accumulate_dtype(x):
+    """The dtype the kernels accumulate in for inputs like x: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def triton_tile_config(x):
+    """Launch parameters of the row-block x column-tile loss kernels for (rows, D) inputs like x:
+    fixed block sizes chosen by D (deterministic results, no autotuning)."""
+    block_d = max(16, triton.next_power_of_2(x.shape[1]))
+    block_m, block_n = (64, 64) if block_d <= 128 else (32, 64) if block_d <= 256 else (16, 32)
+    if x.dtype == torch.float64:
+        precision = "ieee"
+    elif x.dtype == torch.float32:
+        # Follow torch's own fp32 matmul setting: "highest" (the default) is exact fp32.
+        precision = {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
+    else:
+        precision = "tf32"  # ignored for fp16/bf16 inputs
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision,
+                ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+                num_warps=4 if block_d <= 128 else 8)

@@ -1,4 +1,6 @@
 """fused_infonce against MoCo's eager loss, on every backend that runs here."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,20 +72,23 @@ def test_gradcheck_float64(backend, normalize):
     assert torch.autograd.gradcheck(fn, (q, k))
 
 
+def check_within_reference_error(backend, q, k, queue, temperature, *, factor, ulps=1):
+    """Low precision: our error against a float64 oracle within `factor` x the eager loss's own."""
+    upstream = torch.randn(q.shape[0], device=q.device, dtype=q.dtype)
+    loss = lambda fn, queue_: (lambda a, b: fn(a, b, queue_, temperature, reduction="none"))
+    ours = loss_and_grads(loss(functools.partial(fused_infonce, backend=backend), queue), q, k, upstream)
+    eager = loss_and_grads(loss(reference.infonce, queue), q, k, upstream)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    oracle = loss_and_grads(loss(reference.infonce, queue.double()), q64, k64, upstream.double())
+    for name, o, e, x in zip(("loss", "grad q", "grad k"), ours, eager, oracle):
+        assert o.dtype == q.dtype
+        assert_within_reference_error(o, e, x, factor=factor, ulps=ulps, name=f"{backend} {name}")
+
+
 def test_triton_float16_within_reference_error():
     if "triton" not in BACKENDS:
         pytest.skip("Triton does not run CPU tensors without TRITON_INTERPRET=1")
-    q, k, queue = inputs(20, 48, 200, torch.float16)
-    upstream = torch.randn(20, dtype=torch.float16)
-    ours = loss_and_grads(lambda a, b: fused_infonce(a, b, queue, 0.1, reduction="none", backend="triton"),
-                          q, k, upstream)
-    eager = loss_and_grads(lambda a, b: reference.infonce(a, b, queue, 0.1, reduction="none"), q, k, upstream)
-    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
-    oracle = loss_and_grads(lambda a, b: reference.infonce(a, b, queue.double(), 0.1, reduction="none"),
-                            q64, k64, upstream.double())
-    for name, o, e, x in zip(("loss", "grad q", "grad k"), ours, eager, oracle):
-        assert o.dtype == torch.float16
-        assert_within_reference_error(o, e, x, factor=3, name=name)
+    check_within_reference_error("triton", *inputs(20, 48, 200, torch.float16), 0.1, factor=3)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -216,16 +221,7 @@ def test_torch_compile_fullgraph_with_key_queue():
 @pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_against_reference_error(backend, dtype):
-    q, k, queue = inputs(256, 128, 16384, dtype, device="cuda")
-    upstream = torch.randn(256, device="cuda", dtype=dtype)
-    ours = loss_and_grads(lambda a, b: fused_infonce(a, b, queue, 0.07, reduction="none", backend=backend),
-                          q, k, upstream)
-    eager = loss_and_grads(lambda a, b: reference.infonce(a, b, queue, 0.07, reduction="none"), q, k, upstream)
-    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
-    oracle = loss_and_grads(lambda a, b: reference.infonce(a, b, queue.double(), 0.07, reduction="none"),
-                            q64, k64, upstream.double())
-    for name, o, e, x in zip(("loss", "grad q", "grad k"), ours, eager, oracle):
-        assert_within_reference_error(o, e, x, factor=3, ulps=4, name=f"{backend} {name}")
+    check_within_reference_error(backend, *inputs(256, 128, 16384, dtype, device="cuda"), 0.07, factor=3, ulps=4)
 
 
 @pytest.mark.gpu

@@ -21,16 +21,14 @@ Backends (DESIGN section 4):
 q and k are L2-normalised (normalize=True) by torch ops around the registered op
 `contrastive_kernels::infonce`; the queue rows are used as stored and never get a gradient.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .._backends import check_backend_name, resolve, tl, triton
+from .._backends import accumulate_dtype, resolve, tl, triton, triton_tile_config
+from .._checks import check_loss_options, check_matrix, check_same
 from .queue import KeyQueue
 
 SUPPORTED_BACKENDS = ("triton", "cpu", "torch")
-REDUCTIONS = ("mean", "sum", "none")
 TRITON_MAX_DIM = 1024  # the forward keeps a BLOCK_M x D accumulator in registers
 
 
@@ -95,24 +93,6 @@ def _infonce_fwd_kernel(Q, K, QUEUE, START, COUNT, LSE, LOSS, WEIGHTED, n_rows, 
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
-def _accumulate_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _triton_config(q):
-    block_d = max(16, triton.next_power_of_2(q.shape[1]))
-    block_m, block_n = (64, 64) if block_d <= 128 else (32, 64) if block_d <= 256 else (16, 32)
-    if q.dtype == torch.float64:
-        precision = "ieee"
-    elif q.dtype == torch.float32:
-        precision = {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
-    else:
-        precision = "tf32"  # ignored for fp16/bf16 inputs
-    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision, ACC=acc,
-                num_warps=4 if block_d <= 128 else 8)
-
-
 def _triton_args(q, k, queue):
     if q.shape[1] > TRITON_MAX_DIM:
         raise ValueError(f"backend='triton' supports D <= {TRITON_MAX_DIM}, got D={q.shape[1]}")
@@ -124,10 +104,10 @@ def _triton_args(q, k, queue):
 def _triton_forward(q, k, queue, start, count, inv_temp, with_weighted):
     q, k, queue = _triton_args(q, k, queue)
     n_rows = q.shape[0]
-    lse = torch.empty(n_rows, device=q.device, dtype=_accumulate_dtype(q))
+    lse = torch.empty(n_rows, device=q.device, dtype=accumulate_dtype(q))
     loss = torch.empty_like(lse)
     weighted = torch.empty((n_rows if with_weighted else 0, q.shape[1]), device=q.device, dtype=lse.dtype)
-    config = _triton_config(q)
+    config = triton_tile_config(q)
     grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
     _infonce_fwd_kernel[grid](q, k, queue, start, count, lse, loss, weighted, n_rows, queue.shape[0],
                               q.shape[1], q.stride(0), q.stride(1), queue.stride(0), queue.stride(1), inv_temp,
@@ -136,7 +116,7 @@ def _triton_forward(q, k, queue, start, count, inv_temp, with_weighted):
 
 
 def _torch_forward(q, k, queue, start, count, inv_temp, with_weighted):
-    qc, kc = q.to(_accumulate_dtype(q)), k.to(_accumulate_dtype(q))
+    qc, kc = q.to(accumulate_dtype(q)), k.to(accumulate_dtype(q))
     positive = (qc * kc).sum(dim=1) * inv_temp
     row_max, row_sum = positive.clone(), torch.ones_like(positive)
     weighted = torch.zeros_like(qc) if with_weighted else qc.new_empty(0, qc.shape[1])
@@ -183,7 +163,7 @@ def infonce_rows(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, start: t
 
 @infonce_rows.register_fake
 def _(q, k, queue, start, count, temperature, with_weighted, backend):
-    acc = _accumulate_dtype(q)
+    acc = accumulate_dtype(q)
     return (q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=acc),
             q.new_empty((q.shape[0] if with_weighted else 0, q.shape[1]), dtype=acc))
 
@@ -215,33 +195,16 @@ infonce_rows.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # ----------------------------------------------------------------------------------------
 def _check_inputs(q, k, queue, temperature, normalize, reduction, backend):
-    for name, t in (("q", q), ("k", k), ("queue", queue)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or KeyQueue, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    check_matrix("q", q)
+    check_matrix("k", k)
+    check_matrix("queue", queue, what="a torch.Tensor or KeyQueue")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue rows must have D={q.shape[1]} like q, got shape {tuple(queue.shape)}")
-    for name, t in (("k", k), ("queue", queue)):
-        if t.device != q.device:
-            raise ValueError(f"q and {name} must be on the same device, got {q.device} and {t.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_backend_name(backend)
+    check_same("q", q, "k", k)
+    check_same("q", q, "queue", queue)
+    check_loss_options(temperature, normalize, reduction, backend)
 
 
 def fused_infonce(q, k, queue, temperature=0.07, *, normalize=True, reduction="mean", backend="auto"):

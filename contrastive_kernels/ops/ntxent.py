@@ -19,15 +19,13 @@ The L2 normalisation and the concatenation are O(N*D) torch ops around the regis
 `contrastive_kernels::ntxent`, so autograd chains their gradients; the op returns per-row
 losses and the reduction is applied after it.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .._backends import check_backend_name, resolve, tl, triton
+from .._backends import accumulate_dtype, resolve, tl, triton, triton_tile_config
+from .._checks import check_loss_options, check_matrix, check_same
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "torch")
-REDUCTIONS = ("mean", "sum", "none")
 TRITON_MAX_DIM = 1024  # the backward keeps a BLOCK_M x D fp32 accumulator in registers
 
 
@@ -116,34 +114,14 @@ def _ntxent_bwd_kernel(Z, LSE, GRAD, DZ, n_rows, half, dim, stride_row, stride_c
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
-def _accumulate_dtype(z):
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-
-def _triton_config(z):
-    """Fixed block sizes (deterministic results, no autotuning), chosen by D."""
-    block_d = max(16, triton.next_power_of_2(z.shape[1]))
-    block_m, block_n = (64, 64) if block_d <= 128 else (32, 64) if block_d <= 256 else (16, 32)
-    if z.dtype == torch.float64:
-        precision = "ieee"
-    elif z.dtype == torch.float32:
-        # Follow torch's own fp32 matmul setting: "highest" (the default) is exact fp32.
-        precision = {"highest": "ieee", "high": "tf32x3"}.get(torch.get_float32_matmul_precision(), "tf32")
-    else:
-        precision = "tf32"  # ignored for fp16/bf16 inputs
-    acc = tl.float64 if z.dtype == torch.float64 else tl.float32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=precision,
-                ACC=acc, num_warps=4 if block_d <= 128 else 8)
-
-
 def _triton_forward(z, inv_temp):
     if z.shape[1] > TRITON_MAX_DIM:
         raise ValueError(f"backend='triton' supports D <= {TRITON_MAX_DIM}, got D={z.shape[1]}; "
                          "use backend='torch' (or 'cpu' on CPU tensors)")
     n_rows = z.shape[0]
-    lse = torch.empty(n_rows, device=z.device, dtype=_accumulate_dtype(z))
+    lse = torch.empty(n_rows, device=z.device, dtype=accumulate_dtype(z))
     loss = torch.empty_like(lse)
-    config = _triton_config(z)
+    config = triton_tile_config(z)
     grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
     _ntxent_fwd_kernel[grid](z, lse, loss, n_rows, n_rows // 2, z.shape[1], z.stride(0),
                              z.stride(1), inv_temp, **config)
@@ -154,7 +132,7 @@ def _triton_backward(z, lse, grad_rows, inv_temp):
     n_rows = z.shape[0]
     grad_rows = grad_rows.to(lse.dtype).contiguous()
     dz = torch.empty_like(z)
-    config = _triton_config(z)
+    config = triton_tile_config(z)
     grid = (triton.cdiv(n_rows, config["BLOCK_M"]),)
     _ntxent_bwd_kernel[grid](z, lse, grad_rows, dz, n_rows, n_rows // 2, z.shape[1],
                              z.stride(0), z.stride(1), dz.stride(0), dz.stride(1), inv_temp,
@@ -169,7 +147,7 @@ def _torch_chunk_rows(z):
 
 
 def _torch_forward(z, inv_temp):
-    zc = z.to(_accumulate_dtype(z))
+    zc = z.to(accumulate_dtype(z))
     n_rows = zc.shape[0]
     row_max = torch.empty(n_rows, device=z.device, dtype=zc.dtype)
     log_sum = torch.empty_like(row_max)
@@ -231,7 +209,7 @@ def ntxent_rows(z: torch.Tensor, temperature: float, backend: str) -> tuple[torc
 @ntxent_rows.register_fake
 def _(z, temperature, backend):
     rows = z.shape[0]
-    return z.new_empty(rows), z.new_empty(rows, dtype=_accumulate_dtype(z))
+    return z.new_empty(rows), z.new_empty(rows, dtype=accumulate_dtype(z))
 
 
 @torch.library.custom_op("contrastive_kernels::ntxent_backward", mutates_args=())
@@ -268,30 +246,12 @@ ntxent_rows.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # ----------------------------------------------------------------------------------------
 def _check_inputs(z_a, z_b, temperature, normalize, reduction, backend):
-    for name, z in (("z_a", z_a), ("z_b", z_b)):
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {z.dtype}")
-        if z.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(z.shape)}); need N >= 1 and D >= 1")
+    check_matrix("z_a", z_a)
+    check_matrix("z_b", z_b)
     if z_a.shape != z_b.shape:
         raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    if z_a.device != z_b.device:
-        raise ValueError(f"z_a and z_b must be on the same device, got {z_a.device} and {z_b.device}")
-    if z_a.dtype != z_b.dtype:
-        raise TypeError(f"z_a and z_b must have the same dtype, got {z_a.dtype} and {z_b.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    check_backend_name(backend)
+    check_same("z_a", z_a, "z_b", z_b)
+    check_loss_options(temperature, normalize, reduction, backend)
 
 
 def fused_ntxent(z_a, z_b, temperature=0.5, *, normalize=True, reduction="mean", backend="auto"):
