@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parent
 
 def native_extensions():
     """The two extensions of contrastive_kernels/_build.py, built by setuptools instead."""
-    from torch.utils import cpp_extension
-
     spec = importlib.util.spec_from_file_location("ck_build", ROOT / "contrastive_kernels" / "_build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)  # only _build.py: the package itself would import triton
+    build.ensure_cuda_home()  # before cpp_extension reads CUDA_HOME at import
+    from torch.utils import cpp_extension
     csrc = ROOT / "csrc"
     rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # setuptools wants relative paths
     extensions = [cpp_extension.CppExtension(
