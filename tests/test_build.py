@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from contrastive_kernels import _build
 pytestmark = pytest.mark.slow
 
 
-def run_python(code, env_overrides, timeout=900):
+def run_python(code, env_overrides, timeout=900, cwd=None):
     env = {**os.environ, **env_overrides}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=env, timeout=timeout, cwd=cwd)
 
 
 def test_import_and_auto_resolution_do_not_build_until_an_op_runs(tmp_path):
@@ -115,3 +116,33 @@ def test_env_command_lists_every_backend():
         assert expected in out.stdout, f"{expected!r} missing from:\n{out.stdout}"
 
 
+
+
+def test_ahead_of_time_build_is_used_instead_of_jit(tmp_path):
+    # CK_BUILD_EXT=1 builds csrc/ with setuptools (the CUDA sources too where nvcc and a CUDA torch
+    # exist); the package then loads those libraries and never touches the JIT cache.
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, tmp_path / name)
+    for name in ("csrc", "contrastive_kernels"):
+        shutil.copytree(repo / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {**os.environ, "CK_BUILD_EXT": "1"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env, timeout=1500)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    expect_cuda = nvcc_missing_reason() is None
+    assert (tmp_path / "contrastive_kernels" / "_C_cpu.so").exists()
+    assert (tmp_path / "contrastive_kernels" / "_C_cuda.so").exists() == expect_cuda
+    out = run_python(f"""
+        import torch
+        import contrastive_kernels
+        from contrastive_kernels import _build, fused_ntxent, reference
+        assert contrastive_kernels.__file__.startswith({str(tmp_path)!r}), contrastive_kernels.__file__
+        assert _build.load("cpu") is None
+        assert (_build.load("cuda") is None) == {expect_cuda}
+        z = torch.randn(40, 6, dtype=torch.float64)
+        assert torch.allclose(fused_ntxent(z, z.flip(0), backend="cpu"), reference.ntxent(z, z.flip(0)), rtol=1e-10)
+        assert not _build.cache_dir().exists(), "the JIT cache was used"
+        print("prebuilt")
+    """, {"CK_EXTENSIONS_DIR": str(tmp_path / "jit-cache")}, cwd=tmp_path)  # cwd: import the copy
+    assert out.returncode == 0 and "prebuilt" in out.stdout, out.stderr
