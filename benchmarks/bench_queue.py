@@ -57,12 +57,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="one small queue (a smoke run)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     meta = common.provenance(device)
     rows = []
-    for size, batch, dim in POINTS:
+    for size, batch, dim in [(64, 8, 16)] if args.quick else POINTS:
         keys = torch.randn(batch, dim, device=device)
         point_rows = []
         for impl, enqueue in enqueuers(device, size, dim).items():
