@@ -1,4 +1,5 @@
 """fused_ntxent against the eager reference, on every backend that runs here."""
+import functools
 import math
 
 import pytest
@@ -75,35 +76,33 @@ def test_gradcheck_float64(backend, normalize):
     assert torch.autograd.gradcheck(fn, (z_a, z_b))
 
 
+def check_within_reference_error(backend, z_a, z_b, *, factor, upstream=True):
+    """Low precision: our error against a float64 oracle within `factor` x the eager loss's own
+    error in the same dtype; with per-row upstream gradients unless upstream=False."""
+    reduction = "none" if upstream else "mean"
+    grad = torch.randn(2 * z_a.shape[0], device=z_a.device, dtype=z_a.dtype) if upstream else None
+    loss = lambda fn: (lambda a, b: fn(a, b, 0.2, reduction=reduction))
+    ours = loss_and_grads(loss(functools.partial(fused_ntxent, backend=backend)), z_a, z_b, grad)
+    eager = loss_and_grads(loss(reference.ntxent), z_a, z_b, grad)
+    a64, b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
+    oracle = loss_and_grads(loss(reference.ntxent), a64, b64, None if grad is None else grad.double())
+    for name, o, e, x in zip(("loss", "grad z_a", "grad z_b"), ours, eager, oracle):
+        assert o.dtype == z_a.dtype
+        assert_within_reference_error(o, e, x, factor=factor, name=f"{backend} {name}")
+
+
 @pytest.mark.parametrize("n,d", [(3, 5), (40, 72)])
 def test_triton_float16_within_reference_error(n, d):
     if "triton" not in BACKENDS:
         pytest.skip("Triton does not run CPU tensors without TRITON_INTERPRET=1")
-    z_a, z_b = views(n, d, torch.float16)
-    upstream = torch.randn(2 * n, dtype=torch.float16)
-    ours = loss_and_grads(lambda a, b: fused_ntxent(a, b, 0.2, reduction="none", backend="triton"),
-                          z_a, z_b, upstream)
-    eager16 = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2, reduction="none"), z_a, z_b, upstream)
-    a64, b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    oracle = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2, reduction="none"), a64, b64,
-                            upstream.double())
-    for name, o, e, x in zip(("loss", "grad z_a", "grad z_b"), ours, eager16, oracle):
-        assert o.dtype == torch.float16
-        assert_within_reference_error(o, e, x, factor=3, name=name)
+    check_within_reference_error("triton", *views(n, d, torch.float16), factor=3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_cpu_within_reference_error(backend, dtype):
     # These backends compute in float32: far better than the eager reference in the same dtype.
-    z_a, z_b = views(50, 40, dtype)
-    ours = loss_and_grads(lambda a, b: fused_ntxent(a, b, 0.2, backend=backend), z_a, z_b)
-    eager = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2), z_a, z_b)
-    a64, b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    oracle = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2), a64, b64)
-    for name, o, e, x in zip(("loss", "grad z_a", "grad z_b"), ours, eager, oracle):
-        assert o.dtype == dtype
-        assert_within_reference_error(o, e, x, factor=1, name=name)
+    check_within_reference_error(backend, *views(50, 40, dtype), factor=1, upstream=False)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -293,16 +292,7 @@ def test_gpu_float32(backend, n, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,d", [(3, 5), (512, 128), (2049, 256)])
 def test_gpu_low_precision_within_reference_error(backend, dtype, n, d):
-    z_a, z_b = views(n, d, dtype, device="cuda")
-    upstream = torch.randn(2 * n, device="cuda", dtype=dtype)
-    ours = loss_and_grads(lambda a, b: fused_ntxent(a, b, 0.2, reduction="none", backend=backend),
-                          z_a, z_b, upstream)
-    eager = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2, reduction="none"), z_a, z_b, upstream)
-    a64, b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    oracle = loss_and_grads(lambda a, b: reference.ntxent(a, b, 0.2, reduction="none"), a64, b64,
-                            upstream.double())
-    for name, o, e, x in zip(("loss", "grad z_a", "grad z_b"), ours, eager, oracle):
-        assert_within_reference_error(o, e, x, factor=3, name=f"{backend} {name}")
+    check_within_reference_error(backend, *views(n, d, dtype, device="cuda"), factor=3)
 
 
 @pytest.mark.gpu
