@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from contrastive_kernels import reference  # noqa: E402
-from contrastive_kernels._backends import _auto_choice, unavailable_reason  # noqa: E402
 from contrastive_kernels.ops.momentum import SUPPORTED_BACKENDS, momentum_update  # noqa: E402
 
 MOMENTUM = 0.999
@@ -88,11 +87,8 @@ def implementations(device):
     """name -> (update function, needs flat buffers), for every live implementation on `device`."""
     impls = {"moco-loop": (reference.momentum_update, False), "foreach_lerp": (foreach_lerp, False),
              "foreach_mul+add": (foreach_mul_add, False)}
-    auto = _auto_choice(SUPPORTED_BACKENDS, device.type)
-    for backend in SUPPORTED_BACKENDS:
-        if unavailable_reason(backend, device) is None:
-            name = f"fused-{backend}" + (" (auto)" if backend == auto else "")
-            impls[name] = (functools.partial(momentum_update, backend=backend), backend == "triton")
+    for backend, label in common.live_backends(SUPPORTED_BACKENDS, device).items():
+        impls[f"fused-{label}"] = (functools.partial(momentum_update, backend=backend), backend == "triton")
     return impls
 
 

@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from contrastive_kernels import KeyQueue, reference  # noqa: E402
-from contrastive_kernels._backends import _auto_choice, unavailable_reason  # noqa: E402
 from contrastive_kernels.ops.queue import SUPPORTED_BACKENDS  # noqa: E402
 
 POINTS = [(16384, 256, 128), (65536, 256, 128), (65536, 1024, 128)]  # (K, B, D)
@@ -24,11 +23,8 @@ def enqueuers(device, size, dim):
     """name -> enqueue(keys), each on its own queue."""
     moco = reference.MoCoQueue(size, dim, device=device)
     impls = {"moco": moco.dequeue_and_enqueue}
-    auto = _auto_choice(SUPPORTED_BACKENDS, device.type)
-    for backend in SUPPORTED_BACKENDS:
-        if unavailable_reason(backend, device) is None:
-            queue = KeyQueue(size, dim, device=device, backend=backend)
-            impls[f"KeyQueue-{backend}" + (" (auto)" if backend == auto else "")] = queue.enqueue
+    for backend, label in common.live_backends(SUPPORTED_BACKENDS, device).items():
+        impls[f"KeyQueue-{label}"] = KeyQueue(size, dim, device=device, backend=backend).enqueue
     return impls
 
 

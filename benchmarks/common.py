@@ -140,3 +140,12 @@ def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def live_backends(supported, device):
+    """{backend: label} for every backend in `supported` that runs on `device`; the label marks the
+    one that backend="auto" picks, e.g. "cpu (auto)"."""
+    from contrastive_kernels._backends import _auto_choice, unavailable_reason
+
+    auto = _auto_choice(tuple(supported), device.type)
+    return {b: b + (" (auto)" if b == auto else "") for b in supported if unavailable_reason(b, device) is None}

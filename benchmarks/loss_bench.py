@@ -9,8 +9,8 @@ A loss benchmark script supplies:
   panel_key     the point field that gets its own row of plots
 """
 import argparse
+import functools
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -149,14 +149,5 @@ class LossBenchmark:
 
 def live_fused_backends(fused_fn, supported, device):
     """{"fused-<backend>[ (auto)]": fused_fn with that backend} for every live backend."""
-    import functools
-
-    from contrastive_kernels._backends import _auto_choice, unavailable_reason
-
-    auto = _auto_choice(tuple(supported), device.type)
-    return {f"fused-{b}" + (" (auto)" if b == auto else ""): functools.partial(fused_fn, backend=b)
-            for b in supported if unavailable_reason(b, device) is None}
-
-
-if __name__ == "__main__":
-    sys.exit("run bench_ntxent.py or bench_infonce.py")
+    return {f"fused-{label}": functools.partial(fused_fn, backend=backend)
+            for backend, label in common.live_backends(supported, device).items()}
