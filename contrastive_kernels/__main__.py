@@ -1,4 +1,5 @@
-"""Command line: `python -m contrastive_kernels env` shows versions and which backends are live."""
+"""Command line: `python -m contrastive_kernels train ...` runs a SimCLR or MoCo trainer;
+`python -m contrastive_kernels env` shows versions and which backends are live."""
 import argparse
 import os
 import platform
@@ -10,6 +11,7 @@ import torch
 
 from . import _backends, _build
 from .ops import infonce, momentum, ntxent, queue
+from .trainers import cli as train_cli
 
 OPS = {"fused_ntxent": ntxent.SUPPORTED_BACKENDS, "fused_infonce": infonce.SUPPORTED_BACKENDS,
        "momentum_update": momentum.SUPPORTED_BACKENDS, "KeyQueue.enqueue": queue.SUPPORTED_BACKENDS}
@@ -54,10 +56,12 @@ def env_report():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m contrastive_kernels")
     commands = parser.add_subparsers(dest="command", required=True)
+    train_cli.add_parser(commands)
     commands.add_parser("env", help="versions, toolchain and which backend is live for each op (may build csrc/)")
     args = parser.parse_args(argv)
-    if args.command == "env":
-        print(env_report())
+    if args.command == "train":
+        return train_cli.run(args)
+    print(env_report())
     return 0
 
 

@@ -1,0 +1,83 @@
+"""`python -m contrastive_kernels train ...`: argument parsing and the run's console output."""
+import sys
+from pathlib import Path
+
+from .engine import CHECKPOINT, CURVES, METRICS, TRAINER_BACKENDS, TrainConfig
+from .moco import MoCoTrainer
+from .simclr import SimCLRTrainer
+
+TRAINERS = {"simclr": SimCLRTrainer, "moco": MoCoTrainer}
+
+
+def add_parser(commands):
+    parser = commands.add_parser(
+        "train", help="train SimCLR or MoCo on the built-in digits, CIFAR-10 or an image folder",
+        description="Train SimCLR or MoCo with the fused ops. Unset options take the method's defaults "
+                    "(SimCLRTrainer.defaults / MoCoTrainer.defaults).")
+    add = parser.add_argument
+    defaults = TrainConfig()
+    add("--method", choices=sorted(TRAINERS), required=True)
+    add("--data", default=defaults.data, help="digits (built in), cifar10:<dir> or folder:<dir> (default: digits)")
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--lr", type=float, help="base learning rate of SGD with momentum 0.9 (cosine after warm-up)")
+    add("--weight-decay", type=float, default=defaults.weight_decay)
+    add("--warmup-epochs", type=int, default=defaults.warmup_epochs)
+    add("--temperature", type=float)
+    add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:<index> (default: auto)")
+    add("--backend", default=defaults.backend, choices=TRAINER_BACKENDS,
+        help="the ops' backend; torch runs the pure-PyTorch reference trainer (default: auto)")
+    add("--amp", default=defaults.amp, choices=("auto", "bf16", "off"),
+        help="bf16 autocast; auto = on for CUDA, off for CPU")
+    add("--compile", action="store_true", help="torch.compile the encoders")
+    add("--seed", type=int, default=defaults.seed)
+    add("--linear-probe", action="store_true", help="also report a linear probe's top-1 after the last epoch")
+    add("--queue-size", type=int, help="MoCo: keys in the queue")
+    add("--momentum", type=float, help="MoCo: EMA momentum of the key encoder")
+    add("--momentum-schedule", choices=("constant", "cosine"), default=defaults.momentum_schedule,
+        help="MoCo: cosine raises the momentum towards 1 over the run")
+    add("--shuffle-bn", type=int, help="MoCo: BatchNorm groups of the shuffled key batch (1 = off)")
+    add("--out", help="output directory (default: runs/<method>-<data>)")
+    add("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    add("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    return parser
+
+
+OPTIONS = ("data", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature", "device",
+           "backend", "amp", "compile", "seed", "linear_probe", "queue_size", "momentum", "momentum_schedule",
+           "shuffle_bn")
+
+
+def run(args):
+    """Returns the exit code: 0, or 2 with one line on stderr (and nothing written) for bad input."""
+    options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
+    data_name = args.data.replace(":", "-").replace("/", "_").strip("_")
+    out = Path(args.out or f"runs/{args.method}-{data_name}")
+    try:
+        if args.method == "simclr":
+            moco_only = [f"--{n.replace('_', '-')}" for n in ("queue_size", "momentum", "shuffle_bn") if n in options]
+            if moco_only:
+                raise ValueError(f"{', '.join(moco_only)} only apply to --method moco")
+        checkpoint = out / CHECKPOINT
+        if args.resume and not checkpoint.exists():
+            raise ValueError(f"--resume: {checkpoint} does not exist")
+        if not args.resume and checkpoint.exists():
+            raise ValueError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+        trainer = TRAINERS[args.method](**options)
+        if args.resume:
+            trainer.load_checkpoint(checkpoint)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress
+    if progress:
+        print(f"{args.method} on {trainer.dataset}, device {trainer.device}, backend {args.backend}, "
+              f"{trainer.config.epochs} epochs of {trainer.steps_per_epoch} steps (batch {trainer.config.batch_size})"
+              + (f", resuming after epoch {trainer.epoch}" if args.resume else ""), flush=True)
+    history = trainer.fit(out, progress=progress)
+    first, last = history[0], history[-1]
+    if last["knn_top1"] is not None:
+        print(f"kNN top-1 on the held-out split: {last['knn_top1']:.4f} after {last['epoch']} epochs "
+              f"({first['knn_top1']:.4f} at random init)")
+    print(f"wrote {out / METRICS}, {out / CHECKPOINT}, {out / CURVES}")
+    return 0

@@ -1,0 +1,96 @@
+"""MoCo v2: a query encoder trained by SGD, a key encoder that is its EMA, and a queue of past
+keys as the negatives of InfoNCE."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..ops.infonce import fused_infonce
+from ..ops.momentum import flatten_parameters, momentum_update
+from ..ops.queue import KeyQueue
+from .engine import Trainer, check_positive_int, key_encoder_copy
+
+
+class MoCoTrainer(Trainer):
+    """MoCo v2 (Chen et al., 2020) on `momentum_update`, `KeyQueue` and `fused_infonce`.
+
+    Per step: EMA of the key encoder, keys of view b (shuffled into `shuffle_bn` BatchNorm groups
+    so a query and its key never share batch statistics), InfoNCE of view a's queries against
+    the keys and the queue, SGD step, then the keys enter the queue. On a GPU nothing in the
+    step reads a value back to the host. The queue starts as random unit vectors, as in MoCo.
+    With backend="torch": reference.infonce, MoCo's per-parameter EMA loop and MoCo's queue
+    (which reads its pointer to the host every step): the reference trainer.
+    """
+    method = "moco"
+    defaults = {"lr": 0.5, "temperature": 0.2, "queue_size": 1024, "momentum": 0.99, "shuffle_bn": 4}
+    method_state = ("key_model", "queue")
+
+    def check_config(self):
+        config = self.config
+        check_positive_int(config, "queue_size")
+        check_positive_int(config, "shuffle_bn")
+        if not 0 <= config.momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {config.momentum!r}")
+        if config.momentum_schedule not in ("constant", "cosine"):
+            raise ValueError(f"momentum-schedule must be constant or cosine, got {config.momentum_schedule!r}")
+        if config.queue_size < config.batch_size:
+            raise ValueError(f"queue-size {config.queue_size} is smaller than batch-size {config.batch_size}")
+        if config.backend == "torch" and config.queue_size % config.batch_size:
+            raise ValueError(f"the reference trainer (backend torch) uses MoCo's queue, which needs queue-size "
+                             f"({config.queue_size}) to be a multiple of batch-size ({config.batch_size})")
+        if config.shuffle_bn > config.batch_size:
+            raise ValueError(f"shuffle-bn {config.shuffle_bn} is larger than batch-size {config.batch_size}")
+
+    def build_method(self):
+        config = self.config
+        self.key_model = key_encoder_copy(self.model)
+        if config.backend == "triton":  # Triton's EMA works on one flat buffer per model
+            flatten_parameters(self.model)
+            flatten_parameters(self.key_model)
+        self.key_forward = torch.compile(self.key_model) if config.compile else self.key_model
+        initial = F.normalize(torch.randn(config.queue_size, config.projection_dim,
+                                          generator=torch.Generator().manual_seed(config.seed + 2)), dim=1)
+        if config.backend == "torch":
+            self.queue = reference.MoCoQueue(config.queue_size, config.projection_dim, device=self.device)
+            self.queue.queue.copy_(initial.T)
+        else:
+            self.queue = KeyQueue(config.queue_size, config.projection_dim, device=self.device,
+                                  backend=config.backend)
+            self.queue.enqueue(initial.to(self.device))
+        self.keys = None
+
+    def current_momentum(self):
+        """`momentum`, or with the cosine schedule rising from it to 1 at the last step (BYOL)."""
+        if self.config.momentum_schedule == "constant":
+            return self.config.momentum
+        progress = self.step / max(1, self.total_steps - 1)
+        return 1 - (1 - self.config.momentum) * (math.cos(math.pi * progress) + 1) / 2
+
+    @torch.no_grad()
+    def key_projections(self, view):
+        groups = self.config.shuffle_bn
+        if groups == 1:
+            return self.key_forward(view)
+        order = torch.randperm(len(view), generator=self.augment_generator, device=view.device)
+        keys = torch.cat([self.key_forward(chunk) for chunk in view[order].chunk(groups)])
+        return torch.empty_like(keys).index_copy_(0, order, keys)  # back to the original order
+
+    def training_loss(self, view_a, view_b):
+        backend, momentum = self.config.backend, self.current_momentum()
+        with torch.no_grad():
+            if backend == "torch":
+                reference.momentum_update(self.key_model, self.model, momentum)
+            else:
+                momentum_update(self.key_model, self.model, momentum, backend=backend)
+            self.keys = F.normalize(self.key_projections(view_b).float(), dim=1)
+        queries = self.forward(view_a).float()
+        if backend == "torch":
+            return reference.infonce(queries, self.keys, self.queue.rows(), self.config.temperature)
+        return fused_infonce(queries, self.keys, self.queue, self.config.temperature, backend=backend)
+
+    def after_step(self):
+        if self.config.backend == "torch":
+            self.queue.dequeue_and_enqueue(self.keys)
+        else:
+            self.queue.enqueue(self.keys)
