@@ -42,10 +42,12 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["contrastive_kernels", "contrastive_kernels.*"]),
+    package_data={"contrastive_kernels.trainers": ["data/digits.csv.gz", "data/DIGITS_LICENSE.txt"]},
     python_requires=">=3.10",
     # torch 2.4 brought torch.library.custom_op; its CUDA wheels bring a matching triton.
-    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib"], "bench": ["matplotlib"]},
+    # matplotlib draws the trainers' curves and the benchmark plots; Pillow decodes `folder:` images.
+    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm", "matplotlib", "pillow"],
+    extras_require={"test": ["pytest", "hypothesis"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

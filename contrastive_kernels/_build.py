@@ -13,6 +13,7 @@ Two extensions, so that a CUDA toolchain problem never costs the CPU kernels:
 import fcntl
 import functools
 import glob
+import logging
 import hashlib
 import os
 import sys
@@ -78,7 +79,14 @@ def _out_of_date(library, srcs):
 
 def _jit_build(kind, root):
     ensure_cuda_home()  # before cpp_extension reads CUDA_HOME at import
-    from torch.utils import cpp_extension
+    # On GPU-less machines its import logs "No CUDA runtime is found", which is expected here.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
 
     name = f"contrastive_kernels_{kind}"
     build_dir = cache_dir() / name

@@ -113,6 +113,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     (dict(backend="fast"), "backend must be one of"),
     (dict(batch_size=2000), "larger than the training split"),
     (dict(device="tpu"), "device must be"),
+    (dict(backend="cuda"), "not available for fused_ntxent: the cuda backend runs cuda tensors"),
 ])
 def test_bad_options_raise_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
@@ -122,10 +123,13 @@ def test_bad_options_raise_clear_errors(options, message):
 @pytest.mark.parametrize("options, message", [
     (dict(queue_size=64, batch_size=128), "queue-size 64 is smaller than batch-size 128"),
     (dict(momentum=1.5), "momentum must be in"),
-    (dict(backend="torch", queue_size=300, batch_size=128), "multiple of batch-size"),
+    (dict(backend="torch", queue_size=300, batch_size=128), r"multiple of batch-size \(128\)"),
+    (dict(symmetric=True, queue_size=384, batch_size=256), r"keys of a step, 2 x batch-size \(512"),
     (dict(momentum_schedule="linear"), "momentum-schedule"),
+    (dict(backend="cuda"), "not implemented for fused_infonce"),
 ])
 def test_bad_moco_options_raise_clear_errors(options, message):
+    """(backend="cuda" on a CPU, and backends an op lacks, are refused when the trainer is made.)"""
     with pytest.raises(ValueError, match=message):
         MoCoTrainer(dataset=DIGITS, **options)
 
@@ -180,6 +184,7 @@ def test_cli_writes_metrics_checkpoint_and_curves_then_resumes(tmp_path):
     (["--method", "moco", "--batch-size", "256", "--queue-size", "128"], "smaller than batch-size"),
     (["--method", "simclr", "--resume"], "does not exist"),
     (["--method", "simclr", "--queue-size", "512"], "only apply to --method moco"),
+    (["--method", "moco", "--backend", "cuda"], "not implemented for fused_infonce"),
 ])
 def test_cli_rejects_bad_arguments_with_one_line_and_writes_nothing(tmp_path, args, message):
     result = run_cli(*args, "--out", str(tmp_path / "run"), cwd=tmp_path)
@@ -212,3 +217,35 @@ def test_default_run_on_digits_meets_the_bar(method, tmp_path):
     first, last = records[0]["knn_top1"], records[-1]["knn_top1"]
     assert last >= 0.95, records
     assert last >= first + 0.04, records
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trainer_class", [SimCLRTrainer, MoCoTrainer])
+def test_gpu_training_step_never_syncs_with_the_host(trainer_class):
+    """On CUDA (bf16 autocast, backend auto) a training step reads nothing back to the host:
+    augmentations, EMA, keys, loss, backward, SGD and the enqueue all stay on the device."""
+    trainer = trainer_class(dataset=DIGITS, epochs=1, batch_size=128, device="cuda")
+    assert trainer.amp
+    images = trainer.train_images[:128]
+    trainer.train_step(images)  # warm-up: Triton compiles, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.train_step(images) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) for loss in losses)
+    history = trainer.fit(progress=False)
+    assert history[-1]["knn_top1"] is not None and history[-1]["loss"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_encoders_take_the_same_first_step():
+    """--compile (torch.compile of the encoders, inductor) trains, and its first loss equals the
+    eager trainer's to float32 rounding (same parameters, same views)."""
+    eager = MoCoTrainer(dataset=DIGITS, epochs=1, batch_size=128)
+    compiled = MoCoTrainer(dataset=DIGITS, epochs=1, batch_size=128, compile=True)
+    images = DIGITS.train_images[:128]
+    first = [eager.train_step(images).item(), compiled.train_step(images).item()]
+    assert first[1] == pytest.approx(first[0], rel=1e-5)
+    assert torch.isfinite(compiled.train_step(images))

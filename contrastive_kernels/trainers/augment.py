@@ -91,12 +91,14 @@ def _geometry(x, recipe, generator):
     theta = torch.stack([torch.stack([width * a00, width * a01, centre_x], 1),
                          torch.stack([height * a10, height * a11, centre_y], 1)], 1)
     grid = F.affine_grid(theta, [batch, x.shape[1], recipe.out_size, recipe.out_size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # "border" as F.interpolate in prepare_eval: with "zeros" an upsampled view's outer ring
+    # would blend in black (its pixel centres lie half an input pixel outside the image).
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _gray(x):
-    if x.shape[1] == 1:
-        return x
+    if x.shape[1] != 3:
+        return x.mean(dim=1, keepdim=True)
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 

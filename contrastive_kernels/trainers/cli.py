@@ -1,4 +1,5 @@
 """`python -m contrastive_kernels train ...`: argument parsing and the run's console output."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,14 +17,19 @@ def add_parser(commands):
                     "(SimCLRTrainer.defaults / MoCoTrainer.defaults).")
     add = parser.add_argument
     defaults = TrainConfig()
+
+    def method_default(name):
+        values = [f"{method} {cls.defaults[name]}" for method, cls in TRAINERS.items() if name in cls.defaults]
+        return f"(default: {', '.join(values)})"
+
     add("--method", choices=sorted(TRAINERS), required=True)
     add("--data", default=defaults.data, help="digits (built in), cifar10:<dir> or folder:<dir> (default: digits)")
-    add("--epochs", type=int, default=defaults.epochs)
-    add("--batch-size", type=int, default=defaults.batch_size)
-    add("--lr", type=float, help="base learning rate of SGD with momentum 0.9 (cosine after warm-up)")
+    add("--epochs", type=int, help=method_default("epochs"))
+    add("--batch-size", type=int, help=method_default("batch_size"))
+    add("--lr", type=float, help="base learning rate of SGD with momentum 0.9, cosine after warm-up " + method_default("lr"))
     add("--weight-decay", type=float, default=defaults.weight_decay)
     add("--warmup-epochs", type=int, default=defaults.warmup_epochs)
-    add("--temperature", type=float)
+    add("--temperature", type=float, help=method_default("temperature"))
     add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:<index> (default: auto)")
     add("--backend", default=defaults.backend, choices=TRAINER_BACKENDS,
         help="the ops' backend; torch runs the pure-PyTorch reference trainer (default: auto)")
@@ -32,11 +38,13 @@ def add_parser(commands):
     add("--compile", action="store_true", help="torch.compile the encoders")
     add("--seed", type=int, default=defaults.seed)
     add("--linear-probe", action="store_true", help="also report a linear probe's top-1 after the last epoch")
-    add("--queue-size", type=int, help="MoCo: keys in the queue")
-    add("--momentum", type=float, help="MoCo: EMA momentum of the key encoder")
+    add("--queue-size", type=int, help="MoCo: keys in the queue " + method_default("queue_size"))
+    add("--momentum", type=float, help="MoCo: EMA momentum of the key encoder " + method_default("momentum"))
     add("--momentum-schedule", choices=("constant", "cosine"), default=defaults.momentum_schedule,
         help="MoCo: cosine raises the momentum towards 1 over the run")
-    add("--shuffle-bn", type=int, help="MoCo: BatchNorm groups of the shuffled key batch (1 = off)")
+    add("--shuffle-bn", type=int, help="MoCo: BatchNorm groups of the shuffled key batch, 1 = off " + method_default("shuffle_bn"))
+    add("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+        help="MoCo: both views serve as queries and as keys, the two losses averaged " + method_default("symmetric"))
     add("--out", help="output directory (default: runs/<method>-<data>)")
     add("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     add("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
@@ -45,7 +53,7 @@ def add_parser(commands):
 
 OPTIONS = ("data", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature", "device",
            "backend", "amp", "compile", "seed", "linear_probe", "queue_size", "momentum", "momentum_schedule",
-           "shuffle_bn")
+           "shuffle_bn", "symmetric")
 
 
 def run(args):
@@ -55,7 +63,8 @@ def run(args):
     out = Path(args.out or f"runs/{args.method}-{data_name}")
     try:
         if args.method == "simclr":
-            moco_only = [f"--{n.replace('_', '-')}" for n in ("queue_size", "momentum", "shuffle_bn") if n in options]
+            moco_only = [f"--{n.replace('_', '-')}" for n in ("queue_size", "momentum", "shuffle_bn", "symmetric")
+                         if n in options]
             if moco_only:
                 raise ValueError(f"{', '.join(moco_only)} only apply to --method moco")
         checkpoint = out / CHECKPOINT

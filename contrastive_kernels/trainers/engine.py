@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._backends import BACKENDS
+from .._backends import BACKENDS, resolve
 from . import augment, knn
 from .data import ImageDataset, load_dataset
 from .models import SmallResNet, feature_dim, projection_head
@@ -29,8 +29,8 @@ class TrainConfig:
     """Every setting of a run. `None` means the method's own default (SimCLRTrainer.defaults,
     MoCoTrainer.defaults)."""
     data: str = "digits"
-    epochs: int = 15
-    batch_size: int = 256
+    epochs: int | None = None
+    batch_size: int | None = None
     lr: float | None = None  # base learning rate of SGD (momentum 0.9), cosine schedule after warm-up
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
@@ -50,6 +50,7 @@ class TrainConfig:
     momentum: float | None = None  # EMA momentum of the key encoder
     momentum_schedule: str = "constant"  # or "cosine": from `momentum` towards 1 over the run
     shuffle_bn: int | None = None  # key batch shuffled and normalised in this many groups (1: off)
+    symmetric: bool | None = None  # both views as queries (and both as keys), loss averaged
 
     def validate(self):
         for name in ("epochs", "batch_size", "projection_dim", "hidden_dim", "knn_k"):
@@ -95,6 +96,7 @@ class Trainer:
     history = trainer.fit(out="runs/simclr")                              # list of dicts
     """
     method = None
+    ops = {}  # name -> supported backends of the ops the method calls
     defaults = {}  # the method's values for TrainConfig fields left at None
     method_state = ()  # attributes saved in checkpoints besides the model and optimiser
 
@@ -103,6 +105,8 @@ class Trainer:
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; see TrainConfig")
         config = TrainConfig(**options)
+        if dataset is not None and "data" not in options:
+            config.data = dataset.name  # recorded in checkpoints
         for name, value in self.defaults.items():
             if getattr(config, name) is None:
                 setattr(config, name, value)
@@ -117,6 +121,11 @@ class Trainer:
         self.check_config()
 
         self.device = resolve_device(config.device)
+        if config.backend != "torch":
+            # A backend an op lacks is an error now, not after the first epoch; and a first-use
+            # JIT build of csrc/ happens here, outside the timed epochs.
+            for name, supported in self.ops.items():
+                resolve(name, config.backend, self.device, supported)
         self.amp = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
         self.recipe = augment.RECIPES[self.dataset.recipe]
         self.mean, self.std = (t.to(self.device) for t in self.dataset.channel_stats())

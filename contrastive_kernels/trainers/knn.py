@@ -24,8 +24,9 @@ def knn_top1(bank, bank_labels, queries, query_labels, k=20, temperature=0.1):
     correct = 0
     for i in range(0, len(queries), 1024):  # 1024 x len(bank) similarities at a time
         similarity, index = (queries[i:i + 1024] @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(index), classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[index], (similarity / temperature).exp())
+        votes = torch.zeros(len(index), classes, device=bank.device, dtype=similarity.dtype)
+        # exp((s - s_max) / T): the same ranking as exp(s / T), without overflow at small T
+        votes.scatter_add_(1, bank_labels[index], ((similarity - similarity[:, :1]) / temperature).exp())
         correct += (votes.argmax(1) == query_labels[i:i + 1024]).sum().item()
     return correct / len(queries)
 

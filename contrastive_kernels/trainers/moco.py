@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..ops import infonce as infonce_op, momentum as momentum_op, queue as queue_op
 from ..ops.infonce import fused_infonce
 from ..ops.momentum import flatten_parameters, momentum_update
 from ..ops.queue import KeyQueue
@@ -23,7 +24,10 @@ class MoCoTrainer(Trainer):
     (which reads its pointer to the host every step): the reference trainer.
     """
     method = "moco"
-    defaults = {"lr": 0.5, "temperature": 0.2, "queue_size": 1024, "momentum": 0.99, "shuffle_bn": 4}
+    ops = {"fused_infonce": infonce_op.SUPPORTED_BACKENDS, "momentum_update": momentum_op.SUPPORTED_BACKENDS,
+           "KeyQueue.enqueue": queue_op.SUPPORTED_BACKENDS}
+    defaults = {"epochs": 40, "batch_size": 256, "lr": 0.05, "temperature": 0.2, "queue_size": 1024, "momentum": 0.99, "shuffle_bn": 4,
+                "symmetric": False}
     method_state = ("key_model", "queue")
 
     def check_config(self):
@@ -34,11 +38,15 @@ class MoCoTrainer(Trainer):
             raise ValueError(f"momentum must be in [0, 1], got {config.momentum!r}")
         if config.momentum_schedule not in ("constant", "cosine"):
             raise ValueError(f"momentum-schedule must be constant or cosine, got {config.momentum_schedule!r}")
+        keys = config.batch_size * (2 if config.symmetric else 1)
+        what = f"2 x batch-size ({keys}, symmetric)" if config.symmetric else f"batch-size ({keys})"
         if config.queue_size < config.batch_size:
             raise ValueError(f"queue-size {config.queue_size} is smaller than batch-size {config.batch_size}")
-        if config.backend == "torch" and config.queue_size % config.batch_size:
+        if config.queue_size < keys:
+            raise ValueError(f"queue-size {config.queue_size} is smaller than the keys of a step, {what}")
+        if config.backend == "torch" and config.queue_size % keys:
             raise ValueError(f"the reference trainer (backend torch) uses MoCo's queue, which needs queue-size "
-                             f"({config.queue_size}) to be a multiple of batch-size ({config.batch_size})")
+                             f"({config.queue_size}) to be a multiple of {what}")
         if config.shuffle_bn > config.batch_size:
             raise ValueError(f"shuffle-bn {config.shuffle_bn} is larger than batch-size {config.batch_size}")
 
@@ -76,18 +84,23 @@ class MoCoTrainer(Trainer):
         keys = torch.cat([self.key_forward(chunk) for chunk in view[order].chunk(groups)])
         return torch.empty_like(keys).index_copy_(0, order, keys)  # back to the original order
 
+    def infonce(self, queries, keys):
+        if self.config.backend == "torch":
+            return reference.infonce(queries, keys, self.queue.rows(), self.config.temperature)
+        return fused_infonce(queries, keys, self.queue, self.config.temperature, backend=self.config.backend)
+
     def training_loss(self, view_a, view_b):
-        backend, momentum = self.config.backend, self.current_momentum()
+        momentum = self.current_momentum()
+        pairs = [(view_a, view_b), (view_b, view_a)] if self.config.symmetric else [(view_a, view_b)]
         with torch.no_grad():
-            if backend == "torch":
+            if self.config.backend == "torch":
                 reference.momentum_update(self.key_model, self.model, momentum)
             else:
-                momentum_update(self.key_model, self.model, momentum, backend=backend)
-            self.keys = F.normalize(self.key_projections(view_b).float(), dim=1)
-        queries = self.forward(view_a).float()
-        if backend == "torch":
-            return reference.infonce(queries, self.keys, self.queue.rows(), self.config.temperature)
-        return fused_infonce(queries, self.keys, self.queue, self.config.temperature, backend=backend)
+                momentum_update(self.key_model, self.model, momentum, backend=self.config.backend)
+            keys = [F.normalize(self.key_projections(key_view).float(), dim=1) for _, key_view in pairs]
+        losses = [self.infonce(self.forward(query_view).float(), k) for (query_view, _), k in zip(pairs, keys)]
+        self.keys = torch.cat(keys)
+        return sum(losses) / len(losses)
 
     def after_step(self):
         if self.config.backend == "torch":

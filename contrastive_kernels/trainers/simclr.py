@@ -2,6 +2,7 @@
 import torch
 
 from .. import reference
+from ..ops import ntxent
 from ..ops.ntxent import fused_ntxent
 from .engine import Trainer
 
@@ -10,7 +11,8 @@ class SimCLRTrainer(Trainer):
     """SimCLR (Chen et al., 2020) on `fused_ntxent`. With backend="torch" the loss is
     reference.ntxent (eager, 2N x 2N logits): the reference trainer."""
     method = "simclr"
-    defaults = {"lr": 0.5, "temperature": 0.5}
+    ops = {"fused_ntxent": ntxent.SUPPORTED_BACKENDS}
+    defaults = {"epochs": 30, "batch_size": 128, "lr": 0.3, "temperature": 0.5}
 
     def training_loss(self, view_a, view_b):
         # One forward over both views: BatchNorm sees all 2N images, as in SimCLR.
