@@ -249,3 +249,15 @@ def test_compiled_encoders_take_the_same_first_step():
     first = [eager.train_step(images).item(), compiled.train_step(images).item()]
     assert first[1] == pytest.approx(first[0], rel=1e-5)
     assert torch.isfinite(compiled.train_step(images))
+
+
+def test_any_encoder_and_the_linear_probe():
+    """A user's encoder (here an MLP on flattened pixels) gets a head sized to its output, and
+    --linear-probe adds linear_top1 to the last record only."""
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 96), torch.nn.ReLU())
+    trainer = SimCLRTrainer(encoder, dataset=DIGITS, epochs=2, batch_size=256, linear_probe=True)
+    assert trainer.model.encoder is encoder and trainer.model.head[0].in_features == 96
+    history = trainer.fit(progress=False)
+    assert "linear_top1" not in history[1]
+    assert 0.5 < history[2]["linear_top1"] <= 1.0  # ten classes: chance is 0.1
+    assert 0.5 < history[2]["knn_top1"] <= 1.0

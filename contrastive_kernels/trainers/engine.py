@@ -92,7 +92,7 @@ def _atomic_write(path, write):
 class Trainer:
     """The shared loop. Subclasses: SimCLRTrainer, MoCoTrainer.
 
-    trainer = SimCLRTrainer(encoder=None, data="digits", epochs=15, ...)   # TrainConfig fields
+    trainer = SimCLRTrainer(encoder=None, data="digits", epochs=30, ...)   # TrainConfig fields
     history = trainer.fit(out="runs/simclr")                              # list of dicts
     """
     method = None
@@ -136,7 +136,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # model initialisation
         if encoder is None:
             encoder = SmallResNet(in_channels=self.dataset.channels)
-        example = augment.prepare_eval(self.dataset.train_images[:1], self.recipe, *self.dataset.channel_stats())
+        encoder = encoder.to(self.device)
+        example = augment.prepare_eval(self.train_images[:1], self.recipe, self.mean, self.std)
         head = projection_head(feature_dim(encoder, example[0]), config.hidden_dim, config.projection_dim)
         self.model = EncoderWithHead(encoder, head).to(self.device)
         self.build_method()
