@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check in one call, for a machine with one CUDA GPU and no network (about 8 minutes on
-# one H200): build csrc/ for this GPU, run every gpu-marked test, measure the device's ceilings,
-# run the benchmarks at GPU sizes and one NT-Xent forward+backward at 2N = 1,048,576 in bf16.
-# Results go to benchmarks/results/<gpu>-<date>/ (and to $OUT when set); a short table comes last.
+# one H200, estimated): build csrc/ for this GPU, run every gpu-marked test, run
+# `python -m contrastive_kernels bench` (the device's ceilings, every op at GPU sizes, efficiency
+# columns, summary.md) and one NT-Xent forward+backward at 2N = 1,048,576 in bf16.
+# Results go to benchmarks/results/<gpu>-<date>/ (and, archived, to $OUT when set); a short
+# table comes last.
 #
 #   benchmarks/gpu_check.sh             on the GPU machine (python3 there must hold torch + triton)
 #   benchmarks/gpu_check.sh --dry-run   the same steps at tiny sizes on the CPU, Triton in its
@@ -18,8 +20,6 @@ if [ "$dry_run" = 1 ]; then
     export TRITON_INTERPRET=1
     device=cpu
     results=$(mktemp -d)/dry-run
-    ntxent_args=(--points 256,32 --repeats 1 --no-memory)
-    infonce_args=(--points 512,16,32 --repeats 1 --no-memory)
     quick=(--quick)
     large_args=(--rows 2048 --dim 32 --dtype float32)
     tests=(-m gpu)  # collected, and skipped without a GPU
@@ -29,8 +29,6 @@ else
     results=benchmarks/results/$gpu-$(date +%F)
     # Build for this GPU only (the default list, 8.0;9.0, is for shipping).
     export TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    ntxent_args=(--points 16384,128 65536,128 --dtype bfloat16)
-    infonce_args=(--points 65536,256,128 65536,4096,128 --dtype bfloat16)
     quick=()
     large_args=(--rows 1048576 --dim 128 --dtype bfloat16)
     tests=(-m gpu -x)
@@ -50,24 +48,18 @@ sys.exit(1 if cpu or (cuda and '$device' == 'cuda') else 0)
 log "gpu-marked tests"
 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" tests 2>&1 | tee "$results/tests.log" | tail -n 15
 
-log "device ceilings"
-"$PY" benchmarks/gpu_ceilings.py --device "$device" "${quick[@]}" | tee "$results/ceilings.json"
-
-log "benchmarks"
-"$PY" benchmarks/bench_ntxent.py --device "$device" --out "$results" "${ntxent_args[@]}" > "$results/ntxent.log" 2>&1
-[ "$dry_run" = 1 ] || "$PY" benchmarks/bench_ntxent.py --device cuda --out "$results" --points 16384,128 \
-    --dtype float32 >> "$results/ntxent.log" 2>&1
-"$PY" benchmarks/bench_infonce.py --device "$device" --out "$results" "${infonce_args[@]}" > "$results/infonce.log" 2>&1
-"$PY" benchmarks/bench_momentum.py --device "$device" --out "$results" "${quick[@]}" > "$results/momentum.log" 2>&1
-"$PY" benchmarks/bench_queue.py --device "$device" --out "$results" "${quick[@]}" > "$results/queue.log" 2>&1
+log "benchmarks: ceilings, every op, efficiency, summary.md"
+"$PY" -m contrastive_kernels bench --device "$device" --out "$results" "${quick[@]}" > "$results/bench.log" 2>&1
 
 log "NT-Xent at ${large_args[*]}"
-"$PY" benchmarks/ntxent_large.py --device "$device" "${large_args[@]}" | tee "$results/ntxent_large.json"
+"$PY" -m contrastive_kernels.bench.ntxent_large --device "$device" "${large_args[@]}" | tee "$results/ntxent_large.json"
 
 if [ -n "${OUT:-}" ]; then
-    # At most 8 files come back from the device tool: the CSVs, the JSONs and the test log.
+    # At most 8 files come back from the device tool: the whole folder as one archive, and the
+    # two files to read first.
     mkdir -p "$OUT/results"
-    cp "$results"/*.csv "$results"/*.json "$results/tests.log" "$OUT/results/" 2>/dev/null || true
+    tar -czf "$OUT/results/results.tar.gz" -C "$(dirname "$results")" "$(basename "$results")"
+    cp "$results/summary.md" "$results/tests.log" "$OUT/results/"
 fi
 
 log "summary"
@@ -82,7 +74,8 @@ for path in sorted(glob.glob(f"{results}/*.csv")):
         if row.get("mode", "fwd+bwd") == "fwd+bwd" and row.get("online_dtype") in (None, "", row.get("dtype")):
             size = " ".join(f"{k}={row[k]}" for k in ("n2", "k_queue", "n", "d", "set", "batch") if row.get(k))
             time = row.get("median_ms") or row.get("median_us", "") + " us"
-            print(f"{row['op']:>9} {row['dtype'] if 'dtype' in row else '':>9} {size:<28} {row['impl']:<20} {time:>10}")
+            print(f"{row['op']:>9} {row['dtype']:>9} {size:<28} {row['impl']:<20} {time:>10} "
+                  f"efficiency {row['efficiency']}")
 large = json.load(open(f"{results}/ntxent_large.json"))
 print(f"ntxent 2N={large['rows']} D={large['dim']} {large['dtype']}: {large['seconds']} s, "
       f"{large['peak_mb']} MB peak, {large['tflops']} TFLOP/s (eager logits alone: {large['eager_logits_gib']} GiB)")

@@ -1,5 +1,5 @@
-"""Command line: `python -m contrastive_kernels train ...` runs a SimCLR or MoCo trainer;
-`python -m contrastive_kernels env` shows versions and which backends are live."""
+"""Command line: `python -m contrastive_kernels train ...` runs a SimCLR or MoCo trainer,
+`... bench` runs the microbenchmarks, `... env` shows versions and which backends are live."""
 import argparse
 import os
 import platform
@@ -53,14 +53,40 @@ def env_report():
     return "\n".join(lines)
 
 
+def run_bench(args):
+    from .bench import suite
+
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in suite.OPS]
+    if unknown or not ops:
+        print(f"error: unknown op(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(suite.OPS)}",
+              file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    suite.run(ops, args.device, quick=args.quick, out=args.out)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m contrastive_kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     train_cli.add_parser(commands)
+    bench = commands.add_parser("bench", help="benchmark the ops against eager PyTorch and torch.compile",
+                                description="Every op's benchmark on one device: CSVs, plots and summary.md in "
+                                            "benchmarks/results/<device-name>-<date>/ (or --out).")
+    bench.add_argument("--ops", default="ntxent,infonce,momentum,queue",
+                       help="comma-separated subset of ntxent,infonce,momentum,queue (default: all)")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: a smoke run")
+    bench.add_argument("--out", help="output folder (default: benchmarks/results/<device-name>-<date>/)")
     commands.add_parser("env", help="versions, toolchain and which backend is live for each op (may build csrc/)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_cli.run(args)
+    if args.command == "bench":
+        return run_bench(args)
     print(env_report())
     return 0
 

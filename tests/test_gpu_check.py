@@ -3,6 +3,7 @@ CPU, so the script is known to work before a GPU is lent."""
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,5 +21,9 @@ def test_gpu_check_dry_run(tmp_path):
     for expected in ("ceilings:", "ntxent", "infonce", "momentum_update", "queue", "fused-triton", "TFLOP/s"):
         assert expected in summary, f"{expected!r} missing from the summary:\n{summary}"
     returned = sorted(p.name for p in (tmp_path / "results").iterdir())
-    assert "ceilings.json" in returned and "ntxent_large.json" in returned and "tests.log" in returned
-    assert len(returned) <= 8, returned  # the device tool brings back at most 8 files
+    assert returned == ["results.tar.gz", "summary.md", "tests.log"]  # the device tool brings back at most 8
+    with tarfile.open(tmp_path / "results" / "results.tar.gz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+    assert {"ceilings.json", "ntxent_large.json", "summary.md", "bench.log"} <= names, names
+    assert {"ntxent", "infonce", "momentum", "queue"} <= {n.split("-")[0] for n in names if n.endswith(".csv")}
+    assert "efficiency" in (tmp_path / "results" / "summary.md").read_text()

@@ -2,20 +2,18 @@
 torch.compile of the eager reference. Writes a CSV and a PNG to benchmarks/results/ and prints
 a table.
 
-    python benchmarks/bench_ntxent.py --device cpu                  # 2N in {1024, 4096, 8192}, D in {128, 256}
-    python benchmarks/bench_ntxent.py --device cuda --dtype bfloat16  # 2N up to 65536
-    python benchmarks/bench_ntxent.py --points 2048,128 --no-memory
+    python -m contrastive_kernels.bench.ntxent --device cpu                  # 2N in {1024, 4096, 8192}, D in {128, 256}
+    python -m contrastive_kernels.bench.ntxent --device cuda --dtype bfloat16  # 2N up to 65536
+    python -m contrastive_kernels.bench.ntxent --points 2048,128 --no-memory
 """
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loss_bench import LossBenchmark, live_fused_backends  # noqa: E402
+from .loss_bench import LossBenchmark, live_fused_backends
 
-from contrastive_kernels import fused_ntxent, reference  # noqa: E402
-from contrastive_kernels.ops.ntxent import SUPPORTED_BACKENDS  # noqa: E402
+from contrastive_kernels import fused_ntxent, reference
+from contrastive_kernels.ops.ntxent import SUPPORTED_BACKENDS
 
 TEMPERATURE = 0.5
 
@@ -34,7 +32,10 @@ def make_inputs(point, dtype, device):
 
 
 BENCH = LossBenchmark(
-    "ntxent", Path(__file__).resolve(), implementations, make_inputs, point_keys=("n2", "d"), panel_key="d",
+    "ntxent", "contrastive_kernels.bench.ntxent", implementations, make_inputs,
+    point_keys=("n2", "d"), panel_key="d",
+    # Eager: the (2N)^2 x D logits GEMM forward, two GEMMs of that size backward.
+    matmul_flops=lambda point, mode: {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * point[0] ** 2 * point[1],
     default_points={"cpu": [(n2, d) for d in (128, 256) for n2 in (1024, 4096, 8192)],
                     "cuda": [(n2, d) for d in (128, 256) for n2 in (1024, 4096, 16384, 65536)]})
 

@@ -7,6 +7,7 @@ A loss benchmark script supplies:
   make_inputs(point, dtype, device) -> tuple of tensors; the ones requiring grad get gradients
   point_keys    names of the fields of a point, e.g. ("n2", "d"); the first is the plot's x axis
   panel_key     the point field that gets its own row of plots
+  matmul_flops(point, mode) -> the matmul work of the eager loss, the yardstick of every row's TFLOP/s
 """
 import argparse
 import functools
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-import common
+from . import common
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -39,8 +40,10 @@ def time_modes(loss_fn, inputs, device, repeats):
 
 
 class LossBenchmark:
-    def __init__(self, op, script, implementations, make_inputs, point_keys, panel_key, default_points):
-        self.op, self.script, self.implementations = op, script, implementations
+    def __init__(self, op, module, implementations, make_inputs, point_keys, panel_key, default_points,
+                 matmul_flops):
+        self.op, self.module, self.implementations = op, module, implementations
+        self.matmul_flops = matmul_flops
         self.make_inputs, self.point_keys, self.panel_key = make_inputs, point_keys, panel_key
         self.default_points = default_points  # device type -> list of points
 
@@ -51,7 +54,7 @@ class LossBenchmark:
             forward_backward(loss_fn, inputs)
             return common.cuda_peak_growth_mb(lambda: forward_backward(loss_fn, inputs))
         args = [impl, str(dtype).split(".")[-1], *point]
-        return common.measure_in_fresh_process(self.script, args)["peak_mb"]
+        return common.measure_in_fresh_process(self.module, args)["peak_mb"]
 
     def memory_probe(self, impl, dtype_name, *point):
         """The fresh-process side of peak_memory_mb on CPU: prints {"peak_mb": ...}."""
@@ -81,6 +84,7 @@ class LossBenchmark:
                     point_rows.append(dict(op=self.op, device=device.type, impl=impl, mode=mode,
                                            **dict(zip(self.point_keys, point)), dtype=dtype_name,
                                            median_ms=round(times[mode] * 1e3, 3),
+                                           tflops=round(self.matmul_flops(point, mode) / times[mode] / 1e12, 3),
                                            peak_mb=peak if mode == "fwd+bwd" else ""))
             eager = {r["mode"]: r["median_ms"] for r in point_rows if r["impl"] == "eager"}
             for r in point_rows:
@@ -91,7 +95,7 @@ class LossBenchmark:
         common.write_csv(out_dir / f"{stem}.csv", rows, meta)
         self.plot(rows, out_dir / f"{stem}.png",
                   f"{self.op} fwd+bwd, {dtype_name}, {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}")
-        columns = ["impl", "mode", *self.point_keys, "median_ms", "speedup_vs_eager", "peak_mb"]
+        columns = ["impl", "mode", *self.point_keys, "median_ms", "speedup_vs_eager", "tflops", "peak_mb"]
         print(common.format_table(rows, columns))
         print(f"\n{meta}\nwrote {out_dir / stem}.csv and .png")
         return rows

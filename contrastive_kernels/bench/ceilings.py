@@ -2,17 +2,15 @@
 bandwidth (GB/s, read + write) and dense matmul rates (TFLOP/s) in bf16 and tf32 (fp32 on a CPU).
 Prints one JSON object.
 
-    python benchmarks/gpu_ceilings.py --device cuda
+    python -m contrastive_kernels.bench.ceilings --device cuda
 """
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from . import common
 
 
 def ceilings(device, copy_mb=1024, matmul_n=8192, repeats=10):
@@ -31,7 +29,7 @@ def ceilings(device, copy_mb=1024, matmul_n=8192, repeats=10):
             seconds = common.median_seconds(lambda: a @ b, device, repeats, warmup=2)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
-        result[f"matmul_{name}_tflops"] = round(2 * matmul_n**3 / seconds / 1e12, 1)
+        result[f"matmul_{name}_tflops"] = round(2 * matmul_n**3 / seconds / 1e12, 3)
     return result
 
 

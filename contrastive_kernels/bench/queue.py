@@ -2,7 +2,7 @@
 queue pointer back to the host every step. Writes a CSV and a PNG to benchmarks/results/ and
 prints a table.
 
-    python benchmarks/bench_queue.py --device cpu      # K in {16384, 65536}, B=256, D=128
+    python -m contrastive_kernels.bench.queue --device cpu      # K in {16384, 65536}, B=256, D=128
 """
 import argparse
 import sys
@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from . import common
 
-from contrastive_kernels import KeyQueue, reference  # noqa: E402
-from contrastive_kernels.ops.queue import SUPPORTED_BACKENDS  # noqa: E402
+from contrastive_kernels import KeyQueue, reference
+from contrastive_kernels.ops.queue import SUPPORTED_BACKENDS
 
 POINTS = [(16384, 256, 128), (65536, 256, 128), (65536, 1024, 128)]  # (K, B, D)
 
@@ -64,8 +63,10 @@ def main(argv=None):
         point_rows = []
         for impl, enqueue in enqueuers(device, size, dim).items():
             seconds = common.median_seconds(lambda: enqueue(keys), device, args.repeats, warmup=3)
+            moved = 2 * keys.nbytes  # read the keys, write them into the buffer
             point_rows.append(dict(op="queue", device=device.type, impl=impl, k_queue=size, batch=batch, d=dim,
-                                   median_us=round(seconds * 1e6, 1)))
+                                   dtype="float32", median_us=round(seconds * 1e6, 1),
+                                   gb_per_s=round(moved / seconds / 1e9, 2)))
         moco = next(r["median_us"] for r in point_rows if r["impl"] == "moco")
         for r in point_rows:
             r["speedup_vs_moco"] = round(moco / r["median_us"], 2)
@@ -73,7 +74,7 @@ def main(argv=None):
     stem = f"queue-{device.type}-float32-{common.slug(meta['machine'])}-{meta['date']}"
     common.write_csv(args.out / f"{stem}.csv", rows, meta)
     plot(rows, args.out / f"{stem}.png", f"enqueue, {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}")
-    print(common.format_table(rows, ["impl", "k_queue", "batch", "d", "median_us", "speedup_vs_moco"]))
+    print(common.format_table(rows, ["impl", "k_queue", "batch", "d", "median_us", "gb_per_s", "speedup_vs_moco"]))
     print(f"\n{meta}\nwrote {args.out / stem}.csv and .png")
     return 0
 

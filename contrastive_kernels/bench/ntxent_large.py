@@ -2,20 +2,18 @@
 default: its logits alone would be 4 TiB in fp32), with its time, peak memory and achieved
 TFLOP/s (6 (2N)^2 D flops for forward+backward). Prints one JSON object.
 
-    python benchmarks/ntxent_large.py --device cuda --rows 1048576 --dim 128 --dtype bfloat16
+    python -m contrastive_kernels.bench.ntxent_large --device cuda --rows 1048576 --dim 128 --dtype bfloat16
 """
 import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from . import common
 
-from contrastive_kernels import fused_ntxent  # noqa: E402
+from contrastive_kernels import fused_ntxent
 
 
 def main(argv=None):

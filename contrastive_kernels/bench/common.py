@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path("benchmarks") / "results"  # relative to where the benchmark is run
+REPO = Path(__file__).resolve().parents[2]  # the source checkout, when this is one
 
 
 def synchronize(device):
@@ -68,9 +68,9 @@ def cuda_peak_growth_mb(fn):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure_in_fresh_process(script, args):
-    """Runs `script --measure-memory args...` and returns the JSON it prints last."""
-    out = subprocess.run([sys.executable, str(script), "--measure-memory", *map(str, args)],
+def measure_in_fresh_process(module, args):
+    """Runs `python -m module --measure-memory args...` and returns the JSON it prints last."""
+    out = subprocess.run([sys.executable, "-m", module, "--measure-memory", *map(str, args)],
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -79,16 +79,19 @@ def measure_in_fresh_process(script, args):
 
 def provenance(device):
     """Where a result came from: machine, versions, commit, date."""
+    from contrastive_kernels import __version__
+
     try:
+        if not (REPO / ".git").exists():
+            raise OSError("not a source checkout")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
         # Uncommitted changes to the code mark the commit; docs and earlier results do not.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "contrastive_kernels",
-                                "csrc", "benchmarks/*.py", "setup.py"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
+                                "csrc", "setup.py"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = f"installed {__version__}"
     if torch.device(device).type == "cuda":
         machine = torch.cuda.get_device_name()
     else:

@@ -2,20 +2,18 @@
 MoCo's eager loss (cat([l_pos, l_neg]) / T + cross-entropy) and torch.compile of it. Writes a
 CSV and a PNG to benchmarks/results/ and prints a table.
 
-    python benchmarks/bench_infonce.py --device cpu      # N=256, K in {16384, 65536}, D=128
-    python benchmarks/bench_infonce.py --points 4096,256,128 --no-memory   # K_queue,N,D
+    python -m contrastive_kernels.bench.infonce --device cpu      # N=256, K in {16384, 65536}, D=128
+    python -m contrastive_kernels.bench.infonce --points 4096,256,128 --no-memory   # K_queue,N,D
 """
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loss_bench import LossBenchmark, live_fused_backends  # noqa: E402
+from .loss_bench import LossBenchmark, live_fused_backends
 
-from contrastive_kernels import fused_infonce, reference  # noqa: E402
-from contrastive_kernels.ops.infonce import SUPPORTED_BACKENDS  # noqa: E402
+from contrastive_kernels import fused_infonce, reference
+from contrastive_kernels.ops.infonce import SUPPORTED_BACKENDS
 
 TEMPERATURE = 0.07
 
@@ -37,9 +35,12 @@ def make_inputs(point, dtype, device):
 
 
 BENCH = LossBenchmark(
-    "infonce", Path(__file__).resolve(), implementations, make_inputs, point_keys=("k_queue", "n", "d"),
+    "infonce", "contrastive_kernels.bench.infonce", implementations, make_inputs,
+    point_keys=("k_queue", "n", "d"),
     panel_key="n", default_points={"cpu": [(16384, 256, 128), (65536, 256, 128)],
-                                   "cuda": [(16384, 256, 128), (65536, 256, 128), (65536, 1024, 128)]})
+                                   "cuda": [(16384, 256, 128), (65536, 256, 128), (65536, 1024, 128)]},
+    # Eager: the N x K x D GEMM against the queue forward, one more for dq backward.
+    matmul_flops=lambda point, mode: {"fwd": 2, "bwd": 2, "fwd+bwd": 4}[mode] * point[0] * point[1] * point[2])
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 torch._foreach_lerp_ and torch._foreach_mul_ + torch._foreach_add_, on ResNet-50- and ViT-B-sized
 parameter lists. Writes a CSV and a PNG to benchmarks/results/ and prints a table.
 
-    python benchmarks/bench_momentum.py                            # fp32, ResNet-50 and ViT-B/16 sets
-    python benchmarks/bench_momentum.py --quick                    # small sets, a smoke run
-    python benchmarks/bench_momentum.py --device cuda --online-dtype bfloat16   # fp32 EMA of bf16 weights
+    python -m contrastive_kernels.bench.momentum                            # fp32, ResNet-50 and ViT-B/16 sets
+    python -m contrastive_kernels.bench.momentum --quick                    # small sets, a smoke run
+    python -m contrastive_kernels.bench.momentum --device cuda --online-dtype bfloat16   # fp32 EMA of bf16 weights
 
 Every implementation is timed in interleaved rounds (one call each per round, median over
 rounds), so load from other processes on the machine falls on all of them alike.
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from . import common
 
-from contrastive_kernels import reference  # noqa: E402
-from contrastive_kernels.ops.momentum import SUPPORTED_BACKENDS, momentum_update  # noqa: E402
+from contrastive_kernels import reference
+from contrastive_kernels.ops.momentum import SUPPORTED_BACKENDS, momentum_update
 
 MOMENTUM = 0.999
 
@@ -118,7 +117,7 @@ def peak_memory_mb(impl, set_name, dtype, online_dtype, device):
         fn(target, online, MOMENTUM)
         return common.cuda_peak_growth_mb(lambda: fn(target, online, MOMENTUM))
     names = [str(d).split(".")[-1] for d in (dtype, online_dtype)]
-    return common.measure_in_fresh_process(__file__, [impl, set_name, *names])["peak_mb"]
+    return common.measure_in_fresh_process("contrastive_kernels.bench.momentum", [impl, set_name, *names])["peak_mb"]
 
 
 def memory_probe(impl, set_name, dtype_name, online_dtype_name):
