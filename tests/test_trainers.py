@@ -37,7 +37,8 @@ def test_fused_trainer_follows_the_reference_trainer(trainer_class):
 
     Early SimCLR/MoCo training with BatchNorm is chaotic: two reference runs whose weights differ
     by one float32 ulp drift apart by ~30x per step (measured: 2e-6 of the update after step 1,
-    1e-2 after step 3). So the first update must agree to rounding, and every later step must
+    1e-2 after step 3). So the first update must agree to rounding (measured 2e-6 to 6e-6 over
+    seeds and methods; bound 5e-5), and every later step must
     stay within 10x of that ulp-perturbed reference run's own drift: the flash-attention rule
     ("no worse than the reference's own rounding"), applied to the training trajectory.
     """
@@ -57,9 +58,10 @@ def test_fused_trainer_follows_the_reference_trainer(trainer_class):
         drift = (flat_parameters(fused) - flat_parameters(reference)).norm().item() / moved
         noise = (flat_parameters(perturbed) - flat_parameters(reference)).norm().item() / moved
         loss_drift, loss_noise = abs(losses[0] - losses[1]), abs(losses[2] - losses[1])
-        if step == 0:
+        if step == 0:  # same parameters, same views: only the ops' rounding differs
             assert loss_drift <= 1e-6 * losses[1], losses
-            assert drift <= 1e-5, f"first update differs by {drift:.2e} of its size"
+            # 10x the reference's own float32 error in this update against float64 (7e-6, measured)
+            assert drift <= 5e-5, f"first update differs by {drift:.2e} of its size"
         assert drift <= 10 * noise + 1e-5, f"step {step}: parameters {drift:.2e} apart, ulp noise {noise:.2e}"
         assert loss_drift <= 10 * loss_noise + 1e-6 * losses[1], f"step {step}: losses {losses}"
     if trainer_class is MoCoTrainer:  # the queues hold the same keys, in the same rows
