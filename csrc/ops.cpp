@@ -5,11 +5,14 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(contrastive_kernels, m) {
-  // NT-Xent over z = cat(z_a, z_b) (2N x D, already normalised if asked).
-  // Returns the per-row losses and the per-row log-sum-exps (float32, or float64 for float64 z).
-  m.def("ntxent_fwd(Tensor z, float inv_temperature) -> (Tensor, Tensor)");
-  // Gradient w.r.t. z given the per-row upstream gradients; same dtype as the forward's outputs.
-  m.def("ntxent_bwd(Tensor z, Tensor lse, Tensor grad_rows, float inv_temperature) -> Tensor");
+  // NT-Xent of the rows of z = cat(z_a, z_b) (2N x D, already normalised if asked) against the
+  // negatives cols (C x D), in which row r of z is column offset + r (single process: cols = z,
+  // offset 0). Returns the per-row losses and log-sum-exps (float32, or float64 for float64 z).
+  m.def("ntxent_fwd(Tensor z, Tensor cols, int offset, float inv_temperature) -> (Tensor, Tensor)");
+  // d/dz of sum_j grad_cols[j] * l_j over every column j, given one lse and one upstream
+  // gradient per column (the rows' own are at offset + r); same dtype as the forward's outputs.
+  m.def("ntxent_bwd(Tensor z, Tensor cols, Tensor lse_cols, Tensor grad_cols, int offset, "
+        "float inv_temperature) -> Tensor");
   // target[i] = momentum * target[i] + (1 - momentum) * online[i], in place, for every pair.
   m.def("momentum_update_(Tensor(a!)[] target, Tensor[] online, float momentum) -> ()");
   // Ring buffer: writes keys (B x D) at row `head` of buffer (K x D), wrapping around, then

@@ -105,21 +105,34 @@ class KeyQueue:
         self.count = torch.zeros((), dtype=torch.int64, device=self.buffer.device)
 
     @torch.no_grad()
-    def enqueue(self, keys):
-        """Writes the B rows of `keys` (B <= size) at the head, overwriting the oldest rows."""
+    def enqueue(self, keys, group=None):
+        """Writes the B rows of `keys` (B <= size) at the head, overwriting the oldest rows.
+
+        With a torch.distributed `group`, every rank's keys are gathered in rank order and
+        enqueued (MoCo's concat_all_gather): all ranks then hold identical queues. Every rank
+        must call it, with the same B."""
+        if group is None:
+            self._check_keys(keys, 1)
+        else:
+            from ..distributed import all_gather_keys
+
+            keys = all_gather_keys(keys, group, self._check_keys)
+        if keys.shape[0] == 0:
+            return
+        queue_enqueue(self.buffer, self.head, self.count, keys, self.backend)
+
+    def _check_keys(self, keys, world):
         if not isinstance(keys, torch.Tensor):
             raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(keys.shape)}")
-        if keys.shape[0] > self.size:
-            raise ValueError(f"a batch of {keys.shape[0]} keys is larger than the queue ({self.size} rows)")
+        if keys.shape[0] * world > self.size:
+            what = f"{world} ranks x {keys.shape[0]} keys" if world > 1 else f"a batch of {keys.shape[0]} keys"
+            raise ValueError(f"{what} is larger than the queue ({self.size} rows)")
         if keys.dtype != self.buffer.dtype:
             raise ValueError(f"keys have dtype {keys.dtype}, the queue holds {self.buffer.dtype}")
         if keys.device != self.buffer.device:
             raise ValueError(f"keys are on {keys.device}, the queue is on {self.buffer.device}")
-        if keys.shape[0] == 0:
-            return
-        queue_enqueue(self.buffer, self.head, self.count, keys, self.backend)
 
     def window(self):
         """(start, count) of the filled rows as device scalars, without a host sync."""

@@ -1,7 +1,9 @@
-// NT-Xent forward and backward in CUDA C++, the same contract as csrc/cpu/ntxent.cpp.
+// NT-Xent forward and backward in CUDA C++, the same contract as csrc/cpu/ntxent.cpp: the
+// losses of `rows` (2N x D) against the negatives `cols` (C x D), where row r is column
+// offset + r (a single process passes cols = rows, offset 0).
 //
-// One block of 256 threads owns kRows rows of z and streams column tiles of kCols rows through
-// shared memory (D in chunks of kChunk), so nothing of size 2N x 2N exists:
+// One block of 256 threads owns kRows rows and streams column tiles of kCols columns through
+// shared memory (D in chunks of kChunk), so nothing of size 2N x C exists:
 //   forward:  an online log-sum-exp per row (a warp per two rows), the positive picked out of
 //             the tile where column == partner;
 //   backward: W_ij = g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j) (P_ji by the symmetry of s),
@@ -66,17 +68,18 @@ __device__ void load_chunk(const scalar_t* z, int64_t n, int64_t dim, int64_t fi
   }
 }
 
-// buf.s = inv_temp * z[row0 : row0 + kRows] @ z[col0 : col0 + kCols]^T. Each thread computes 4
-// entries: row tid / 16, columns tid % 16 + 16 q.
+// buf.s = inv_temp * rows[row0 : row0 + kRows] @ cols[col0 : col0 + kCols]^T. Each thread
+// computes 4 entries: row tid / 16, columns tid % 16 + 16 q.
 template <typename scalar_t, typename acc_t>
-__device__ void similarity_tile(const scalar_t* z, int64_t n, int64_t dim, int64_t row0, int64_t col0,
-                                acc_t inv_temp, TileBuffers<acc_t>& buf) {
+__device__ void similarity_tile(const scalar_t* z, int64_t n, const scalar_t* cols, int64_t n_cols,
+                                int64_t dim, int64_t row0, int64_t col0, acc_t inv_temp,
+                                TileBuffers<acc_t>& buf) {
   const int r = threadIdx.x / 16, c_first = threadIdx.x % 16;
   acc_t partial[4] = {0, 0, 0, 0};
   for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
     __syncthreads();  // the previous chunk (or the previous tile's readers of buf.s) are done
     load_chunk<scalar_t, acc_t, kRows>(z, n, dim, row0, k0, buf.rows);
-    load_chunk<scalar_t, acc_t, kCols>(z, n, dim, col0, k0, buf.cols);
+    load_chunk<scalar_t, acc_t, kCols>(cols, n_cols, dim, col0, k0, buf.cols);
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -94,6 +97,8 @@ __device__ void similarity_tile(const scalar_t* z, int64_t n, int64_t dim, int64
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) ntxent_fwd_kernel(const scalar_t* __restrict__ z, int64_t n,
+                                                               const scalar_t* __restrict__ cols,
+                                                               int64_t n_cols, int64_t offset,
                                                                int64_t dim, acc_t inv_temp,
                                                                acc_t* __restrict__ loss, acc_t* __restrict__ lse) {
   __shared__ TileBuffers<acc_t> buf;
@@ -102,19 +107,19 @@ __global__ void __launch_bounds__(kThreads) ntxent_fwd_kernel(const scalar_t* __
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t run_max[2] = {neg_inf, neg_inf}, run_sum[2] = {0, 0}, positive[2] = {0, 0};
 
-  for (int64_t col0 = 0; col0 < n; col0 += kCols) {
-    similarity_tile(z, n, dim, row0, col0, inv_temp, buf);
+  for (int64_t col0 = 0; col0 < n_cols; col0 += kCols) {
+    similarity_tile(z, n, cols, n_cols, dim, row0, col0, inv_temp, buf);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int r = 2 * warp + j;
-      const int64_t row = row0 + r, partner = row < half ? row + half : row - half;
+      const int64_t row = row0 + r, partner = offset + (row < half ? row + half : row - half);
       acc_t v[2], tile_max = neg_inf;
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int64_t col = col0 + lane + 32 * q;
         const acc_t x = buf.s[r][lane + 32 * q];
         if (col == partner) positive[j] += x;
-        v[q] = (col < n && col != row) ? x : neg_inf;
+        v[q] = (col < n_cols && col != offset + row) ? x : neg_inf;
         tile_max = v[q] > tile_max ? v[q] : tile_max;
       }
       tile_max = warp_max(tile_max);
@@ -138,11 +143,14 @@ __global__ void __launch_bounds__(kThreads) ntxent_fwd_kernel(const scalar_t* __
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) ntxent_bwd_kernel(const scalar_t* __restrict__ z,
+__global__ void __launch_bounds__(kThreads) ntxent_bwd_kernel(const scalar_t* __restrict__ z, int64_t n,
+                                                               const scalar_t* __restrict__ cols,
+                                                               int64_t n_cols, int64_t offset,
                                                                const acc_t* __restrict__ lse,
-                                                               const acc_t* __restrict__ grad, int64_t n,
+                                                               const acc_t* __restrict__ grad,
                                                                int64_t dim, acc_t inv_temp,
                                                                scalar_t* __restrict__ dz) {
+  // lse and grad hold one value per column; row r's are at offset + r.
   __shared__ TileBuffers<acc_t> buf;
   __shared__ acc_t lse_rows[kRows], g_rows[kRows];
   extern __shared__ unsigned char dynamic_smem[];
@@ -152,23 +160,23 @@ __global__ void __launch_bounds__(kThreads) ntxent_bwd_kernel(const scalar_t* __
   for (int64_t i = threadIdx.x; i < kRows * dim; i += kThreads) acc[i] = 0;
   if (threadIdx.x < kRows) {
     const int64_t row = row0 + threadIdx.x;
-    lse_rows[threadIdx.x] = row < n ? lse[row] : acc_t(0);
-    g_rows[threadIdx.x] = row < n ? grad[row] : acc_t(0);
+    lse_rows[threadIdx.x] = row < n ? lse[offset + row] : acc_t(0);
+    g_rows[threadIdx.x] = row < n ? grad[offset + row] : acc_t(0);
   }
 
-  for (int64_t col0 = 0; col0 < n; col0 += kCols) {
-    similarity_tile(z, n, dim, row0, col0, inv_temp, buf);
+  for (int64_t col0 = 0; col0 < n_cols; col0 += kCols) {
+    similarity_tile(z, n, cols, n_cols, dim, row0, col0, inv_temp, buf);
     for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {  // s -> W, in place
       const int r = i / kCols, c = i % kCols;
       const int64_t row = row0 + r, col = col0 + c;
       const acc_t s = buf.s[r][c];
-      buf.s[r][c] = (row < n && col < n && col != row)
+      buf.s[r][c] = (row < n && col < n_cols && col != offset + row)
                         ? g_rows[r] * device_exp(s - lse_rows[r]) + grad[col] * device_exp(s - lse[col])
                         : acc_t(0);
     }
     for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {  // acc += W @ z[cols]
       __syncthreads();
-      load_chunk<scalar_t, acc_t, kCols>(z, n, dim, col0, k0, buf.cols);
+      load_chunk<scalar_t, acc_t, kCols>(cols, n_cols, dim, col0, k0, buf.cols);
       __syncthreads();
       for (int i = threadIdx.x; i < kRows * kChunk; i += kThreads) {
         const int r = i / kChunk, k = i % kChunk;
@@ -186,24 +194,30 @@ __global__ void __launch_bounds__(kThreads) ntxent_bwd_kernel(const scalar_t* __
     const int64_t k = i % dim, row = row0 + r;
     if (row >= n) continue;
     const int64_t partner = row < half ? row + half : row - half;
-    const acc_t pull = (g_rows[r] + grad[partner]) * static_cast<acc_t>(z[partner * dim + k]);
+    const acc_t pull = (g_rows[r] + grad[offset + partner]) * static_cast<acc_t>(z[partner * dim + k]);
     dz[row * dim + k] = static_cast<scalar_t>(inv_temp * (acc[i] - pull));
   }
 }
 
-void check_input(const at::Tensor& z) {
-  TORCH_CHECK(z.is_cuda(), "ntxent (cuda): z must be a CUDA tensor");
+void check_input(const at::Tensor& z, const at::Tensor& cols, int64_t offset) {
+  TORCH_CHECK(z.is_cuda() && cols.is_cuda(), "ntxent (cuda): z and cols must be CUDA tensors");
   TORCH_CHECK(z.dim() == 2 && z.size(0) >= 2 && z.size(0) % 2 == 0 && z.size(1) >= 1,
               "ntxent (cuda): z must be (2N, D) with N, D >= 1, got ", z.sizes());
   TORCH_CHECK(z.size(1) <= kMaxDim, "ntxent (cuda): D <= ", kMaxDim, " supported, got ", z.size(1));
+  TORCH_CHECK(cols.dim() == 2 && cols.size(1) == z.size(1) && cols.scalar_type() == z.scalar_type(),
+              "ntxent (cuda): cols must be (C, D) with the D and dtype of z, got ", cols.sizes());
+  TORCH_CHECK(offset >= 0 && offset + z.size(0) <= cols.size(0),
+              "ntxent (cuda): z must sit inside cols, got offset ", offset);
 }
 
 unsigned int num_blocks(int64_t n) { return static_cast<unsigned int>((n + kRows - 1) / kRows); }
 
-std::tuple<at::Tensor, at::Tensor> ntxent_fwd(const at::Tensor& z_in, double inv_temperature) {
-  check_input(z_in);
+std::tuple<at::Tensor, at::Tensor> ntxent_fwd(const at::Tensor& z_in, const at::Tensor& cols_in,
+                                              int64_t offset, double inv_temperature) {
+  check_input(z_in, cols_in, offset);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.detach().contiguous();
+  const at::Tensor cols = cols_in.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({n}, z.options().dtype(acc_type));
@@ -211,23 +225,25 @@ std::tuple<at::Tensor, at::Tensor> ntxent_fwd(const at::Tensor& z_in, double inv
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ntxent_fwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     ntxent_fwd_kernel<scalar_t, acc_t><<<num_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        z.data_ptr<scalar_t>(), n, dim, static_cast<acc_t>(inv_temperature), loss.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>());
+        z.data_ptr<scalar_t>(), n, cols.data_ptr<scalar_t>(), cols.size(0), offset, dim,
+        static_cast<acc_t>(inv_temperature), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse};
 }
 
-at::Tensor ntxent_bwd(const at::Tensor& z_in, const at::Tensor& lse_in, const at::Tensor& grad_in,
-                      double inv_temperature) {
-  check_input(z_in);
+at::Tensor ntxent_bwd(const at::Tensor& z_in, const at::Tensor& cols_in, const at::Tensor& lse_in,
+                      const at::Tensor& grad_in, int64_t offset, double inv_temperature) {
+  check_input(z_in, cols_in, offset);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.detach().contiguous();
+  const at::Tensor cols = cols_in.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);
   const auto acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor lse = lse_in.detach().to(acc_type).contiguous();
   const at::Tensor grad = grad_in.detach().to(acc_type).contiguous();
-  TORCH_CHECK(lse.numel() == n && grad.numel() == n, "ntxent_bwd (cuda): one lse and grad per row");
+  TORCH_CHECK(lse.numel() == cols.size(0) && grad.numel() == cols.size(0),
+              "ntxent_bwd (cuda): one lse and grad per column");
   at::Tensor dz = at::empty_like(z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ntxent_bwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
@@ -236,8 +252,9 @@ at::Tensor ntxent_bwd(const at::Tensor& z_in, const at::Tensor& lse_in, const at
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
     kernel<<<num_blocks(n), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-        z.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), n, dim,
-        static_cast<acc_t>(inv_temperature), dz.data_ptr<scalar_t>());
+        z.data_ptr<scalar_t>(), n, cols.data_ptr<scalar_t>(), cols.size(0), offset,
+        lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), dim, static_cast<acc_t>(inv_temperature),
+        dz.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dz;
