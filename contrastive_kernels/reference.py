@@ -25,6 +25,29 @@ def ntxent(z_a, z_b, temperature=0.5, *, normalize=True, reduction="mean"):
     return F.cross_entropy(logits, positives, reduction=reduction)
 
 
+def ntxent_all_gather(z_a, z_b, temperature=0.5, *, group, normalize=True, reduction="mean"):
+    """Multi-process NT-Xent the usual way (OpenCLIP's and lightly's gather with gradient):
+    every rank gathers all ranks' rows through torch.distributed.nn.all_gather, whose backward
+    sends each gathered row's gradient back to its rank and sums it there, builds its
+    2N x 2NW logits and takes the cross-entropy of its own 2N rows. Same value and gradients
+    as fused_ntxent(..., group=group)."""
+    import torch.distributed as dist
+    from torch.distributed.nn import all_gather
+
+    n, rank = z_a.shape[0], dist.get_rank(group)
+    z = torch.cat([z_a, z_b])
+    if normalize:
+        z = F.normalize(z, dim=1)
+    cols = torch.cat(all_gather(z, group=group))  # every rank's rows, in rank order
+    logits = z @ cols.T / temperature
+    local = torch.arange(2 * n, device=z.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[local, rank * 2 * n + local] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positives = rank * 2 * n + (local + n) % (2 * n)
+    return F.cross_entropy(logits, positives, reduction=reduction)
+
+
 def infonce(q, k, queue, temperature=0.07, *, normalize=True, reduction="mean"):
     """MoCo's InfoNCE loss as facebookresearch/moco computes it: logits = cat([l_pos, l_neg]) / T
     with the positive key in column 0, then cross-entropy against label 0. `queue` is (K, D),

@@ -80,6 +80,10 @@ def ntxent_worker(rank, world, cases):
         # The upstream gradient of every rank's output, known to every rank.
         upstream = torch.rand(world, *out.shape, generator=torch.Generator().manual_seed(index), dtype=out.dtype)
         grads = torch.autograd.grad((out * upstream[rank]).sum(), [z_a, z_b])
+        # The gather-with-gradient baseline of the benchmark follows the same convention.
+        gathered = reference.ntxent_all_gather(z_a, z_b, temperature, group=dist.group.WORLD,
+                                               normalize=normalize, reduction=reduction)
+        gathered_grads = torch.autograd.grad((gathered * upstream[rank]).sum(), [z_a, z_b])
 
         all_a = torch.cat([a for a, _ in views]).requires_grad_(True)
         all_b = torch.cat([b for _, b in views]).requires_grad_(True)
@@ -101,6 +105,10 @@ def ntxent_worker(rank, world, cases):
         for name, grad, ref in zip(("z_a", "z_b"), grads, ref_grads):
             want = ref[rank * n:(rank + 1) * n]
             assert_close(grad, want, rtol=0, atol=EXACT * want.abs().max().item(), name=f"{case}: d{name}")
+        assert_close(gathered.detach(), expected.detach(), rtol=EXACT, name=f"{case}: gathered loss")
+        for name, grad, ref in zip(("z_a", "z_b"), gathered_grads, ref_grads):
+            want = ref[rank * n:(rank + 1) * n]
+            assert_close(grad, want, rtol=0, atol=EXACT * want.abs().max().item(), name=f"{case}: gathered d{name}")
             worst = max(worst, ((grad - want).abs().max() / want.abs().max()).item())
     return worst
 
