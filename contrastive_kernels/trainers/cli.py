@@ -1,7 +1,16 @@
-"""`python -m contrastive_kernels train ...`: argument parsing and the run's console output."""
+"""`python -m contrastive_kernels train ...`: argument parsing and the run's console output.
+
+Under `torchrun --nproc-per-node=W -m contrastive_kernels train ...` the process group is
+made here from torchrun's environment: NCCL with one GPU per process (LOCAL_RANK) on CUDA,
+Gloo on CPU. Rank 0 prints and writes; every rank exits with the same code.
+"""
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from .engine import CHECKPOINT, CURVES, METRICS, TRAINER_BACKENDS, TrainConfig
 from .moco import MoCoTrainer
@@ -43,6 +52,8 @@ def add_parser(commands):
     add("--momentum-schedule", choices=("constant", "cosine"), default=defaults.momentum_schedule,
         help="MoCo: cosine raises the momentum towards 1 over the run")
     add("--shuffle-bn", type=int, help="MoCo: BatchNorm groups of the shuffled key batch, 1 = off " + method_default("shuffle_bn"))
+    add("--shuffle-across-ranks", action=argparse.BooleanOptionalAction, default=None,
+        help="MoCo under torchrun: shuffle the key batch over the processes before BatchNorm (default: on)")
     add("--symmetric", action=argparse.BooleanOptionalAction, default=None,
         help="MoCo: both views serve as queries and as keys, the two losses averaged " + method_default("symmetric"))
     add("--out", help="output directory (default: runs/<method>-<data>)")
@@ -53,18 +64,42 @@ def add_parser(commands):
 
 OPTIONS = ("data", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "temperature", "device",
            "backend", "amp", "compile", "seed", "linear_probe", "queue_size", "momentum", "momentum_schedule",
-           "shuffle_bn", "symmetric")
+           "shuffle_bn", "symmetric", "shuffle_across_ranks")
+
+
+def init_distributed(device):
+    """Joins torchrun's process group (if started by torchrun); returns the device to train on."""
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    if not on_cuda:  # W processes share the CPU cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return device
 
 
 def run(args):
     """Returns the exit code: 0, or 2 with one line on stderr (and nothing written) for bad input."""
+    args.device = init_distributed(args.device)
+    try:
+        return _run(args, rank=dist.get_rank() if dist.is_initialized() else 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, rank):
     options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
     data_name = args.data.replace(":", "-").replace("/", "_").strip("_")
     out = Path(args.out or f"runs/{args.method}-{data_name}")
     try:
         if args.method == "simclr":
-            moco_only = [f"--{n.replace('_', '-')}" for n in ("queue_size", "momentum", "shuffle_bn", "symmetric")
-                         if n in options]
+            moco_only = [f"--{n.replace('_', '-')}" for n in ("queue_size", "momentum", "shuffle_bn", "symmetric",
+                                                               "shuffle_across_ranks") if n in options]
             if moco_only:
                 raise ValueError(f"{', '.join(moco_only)} only apply to --method moco")
         checkpoint = out / CHECKPOINT
@@ -76,12 +111,17 @@ def run(args):
         if args.resume:
             trainer.load_checkpoint(checkpoint)
     except (ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    if rank != 0:
+        trainer.fit(out, progress=False)
+        return 0
     if progress:
         print(f"{args.method} on {trainer.dataset}, device {trainer.device}, backend {args.backend}, "
-              f"{trainer.config.epochs} epochs of {trainer.steps_per_epoch} steps (batch {trainer.config.batch_size})"
+              f"{trainer.config.epochs} epochs of {trainer.steps_per_epoch} steps (batch {trainer.config.batch_size}"
+              + (f" over {trainer.world} processes" if trainer.world > 1 else "") + ")"
               + (f", resuming after epoch {trainer.epoch}" if args.resume else ""), flush=True)
     history = trainer.fit(out, progress=progress)
     first, last = history[0], history[-1]

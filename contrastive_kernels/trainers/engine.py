@@ -3,6 +3,12 @@ schedule, the epoch loop, kNN evaluation, checkpoints and the output files.
 
 A method (simclr.py, moco.py) supplies `build_method` (its extra modules and state),
 `training_loss(view_a, view_b)` and `after_step()`, and the keys of its state in checkpoints.
+
+Under torch.distributed (torchrun; `group`), `batch_size` is the global batch: every rank
+draws the same permutation and trains on its own slice of each batch, the model is wrapped in
+DistributedDataParallel, the losses take their negatives from every rank, and rank 0 alone
+evaluates (the results are broadcast), prints and writes files. BatchNorm statistics are per
+rank, as in DDP without SyncBatchNorm.
 """
 import copy
 import dataclasses
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .._backends import BACKENDS, resolve
 from . import augment, knn
@@ -51,6 +58,7 @@ class TrainConfig:
     momentum_schedule: str = "constant"  # or "cosine": from `momentum` towards 1 over the run
     shuffle_bn: int | None = None  # key batch shuffled and normalised in this many groups (1: off)
     symmetric: bool | None = None  # both views as queries (and both as keys), loss averaged
+    shuffle_across_ranks: bool = True  # under torch.distributed: MoCo's batch shuffle of the keys over ranks
 
     def validate(self):
         for name in ("epochs", "batch_size", "projection_dim", "hidden_dim", "knn_k"):
@@ -94,13 +102,16 @@ class Trainer:
 
     trainer = SimCLRTrainer(encoder=None, data="digits", epochs=30, ...)   # TrainConfig fields
     history = trainer.fit(out="runs/simclr")                              # list of dicts
+
+    group: "auto" (torch.distributed's default group when it is initialised, else a single
+    process), None (a single process), or a ProcessGroup.
     """
     method = None
     ops = {}  # name -> supported backends of the ops the method calls
     defaults = {}  # the method's values for TrainConfig fields left at None
     method_state = ()  # attributes saved in checkpoints besides the model and optimiser
 
-    def __init__(self, encoder=None, *, dataset=None, **options):
+    def __init__(self, encoder=None, *, dataset=None, group="auto", **options):
         unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; see TrainConfig")
@@ -112,6 +123,14 @@ class Trainer:
                 setattr(config, name, value)
         config.validate()
         self.config = config
+        if group == "auto":
+            group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        self.group = group
+        self.rank, self.world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch-size {config.batch_size} (the global batch) must be a multiple of the "
+                             f"{self.world} processes")
+        self.local_batch = config.batch_size // self.world
         self.dataset = dataset if dataset is not None else load_dataset(config.data)
         if not isinstance(self.dataset, ImageDataset):
             raise TypeError(f"dataset must be an ImageDataset, got {type(self.dataset).__name__}")
@@ -141,14 +160,20 @@ class Trainer:
         head = projection_head(feature_dim(encoder, example[0]), config.hidden_dim, config.projection_dim)
         self.model = EncoderWithHead(encoder, head).to(self.device)
         self.build_method()
+        forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(self.model, process_group=group)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9,
                                          weight_decay=config.weight_decay)
         self.data_generator = torch.Generator().manual_seed(config.seed)  # epoch permutations
-        self.augment_generator = torch.Generator(self.device).manual_seed(config.seed + 1)
+        # Every rank draws its own augmentations (rank 0 those of a single process).
+        self.augment_generator = torch.Generator(self.device).manual_seed(config.seed + 1 + 7919 * self.rank)
         self.step = 0
         self.epoch = 0
         self.history = []
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = torch.compile(forward) if config.compile else forward
 
     # -- hooks for the methods -----------------------------------------------------------------
     def check_config(self):
@@ -180,6 +205,13 @@ class Trainer:
 
     def evaluate(self, linear_probe=False):
         """kNN top-1 of the encoder features on the held-out split (None without labels)."""
+        if self.world > 1:  # rank 0 evaluates, every rank gets its results
+            result = [self._evaluate(linear_probe) if self.rank == 0 else None]
+            dist.broadcast_object_list(result, src=0, group=self.group)
+            return result[0]
+        return self._evaluate(linear_probe)
+
+    def _evaluate(self, linear_probe):
         dataset = self.dataset
         if dataset.train_labels is None:
             return {"knn_top1": None}
@@ -200,11 +232,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, desc=f"{self.method} epoch {self.epoch + 1}/{config.epochs}",
-                   unit="step", leave=False, disable=not progress)
+                   unit="step", leave=False, disable=not progress or self.rank != 0)
         for i in range(self.steps_per_epoch):
-            loss_sum += self.train_step(self.train_images[order[i * config.batch_size:(i + 1) * config.batch_size]])
+            first = i * config.batch_size + self.rank * self.local_batch  # this rank's slice of the batch
+            loss_sum += self.train_step(self.train_images[order[first:first + self.local_batch]])
             bar.update()
         bar.close()
+        if self.world > 1:  # each rank's loss is the mean over its rows: their mean is the global loss
+            dist.all_reduce(loss_sum, group=self.group)
+            loss_sum /= self.world
         mean_loss = (loss_sum / self.steps_per_epoch).item()
         seconds = time.perf_counter() - start
         return mean_loss, self.steps_per_epoch * config.batch_size / seconds
@@ -213,10 +249,14 @@ class Trainer:
         """One optimiser step on a batch of raw images; returns the loss as a device scalar
         (reading it would be a host sync, so the epoch sums them on the device)."""
         views = augment.augment(torch.cat([images, images]), self.recipe, self.mean, self.std, self.augment_generator)
+        return self.step_on_views(*views.chunk(2))
+
+    def step_on_views(self, view_a, view_b):
+        """One optimiser step on this rank's two augmented views."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.training_loss(*views.chunk(2))
+            loss = self.training_loss(view_a, view_b)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -230,14 +270,17 @@ class Trainer:
         (after every epoch) and curves.png there; `resume=True` continues from out/checkpoint.pt.
         `on_epoch_end(record)` is called after each epoch's files are written."""
         out = Path(out) if out is not None else None
+        writes = out is not None and self.rank == 0  # under torch.distributed rank 0 writes
         if resume:
             if out is None or not (out / CHECKPOINT).exists():
                 raise ValueError(f"nothing to resume: {out / CHECKPOINT if out else 'no out directory'} does not exist")
             self.load_checkpoint(out / CHECKPOINT)
-        if out is not None:
+        if writes:
             out.mkdir(parents=True, exist_ok=True)
+        progress = progress and self.rank == 0
         if not self.history:
-            self._record({"epoch": 0, "loss": None, **self.evaluate(), "images_per_sec": None}, out, progress)
+            self._record({"epoch": 0, "loss": None, **self.evaluate(), "images_per_sec": None},
+                         out if writes else None, progress)
         while self.epoch < self.config.epochs:
             loss, images_per_sec = self.train_epoch(progress)
             self.epoch += 1
@@ -245,11 +288,13 @@ class Trainer:
             metrics = self.evaluate(linear_probe=last and self.config.linear_probe)
             record = {"epoch": self.epoch, "loss": loss, **metrics, "images_per_sec": images_per_sec}
             if out is not None:
-                _atomic_write(out / CHECKPOINT, lambda path: torch.save(self.checkpoint(record), path))
-            self._record(record, out, progress)
+                state = self.checkpoint(record)  # on every rank: it gathers their RNG states
+                if writes:
+                    _atomic_write(out / CHECKPOINT, lambda path: torch.save(state, path))
+            self._record(record, out if writes else None, progress)
             if on_epoch_end is not None:
                 on_epoch_end(record)
-        if out is not None:
+        if writes:
             from .plots import plot_curves
             _atomic_write(out / CURVES, lambda path: plot_curves(self.history, path, self.method))
         return self.history
@@ -267,12 +312,21 @@ class Trainer:
         state = {"config": dataclasses.asdict(self.config), "method": self.method, "epoch": self.epoch,
                  "step": self.step, "history": self.history + [record],
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "rng": {"data": self.data_generator.get_state(), "augment": self.augment_generator.get_state(),
-                         "torch": torch.get_rng_state()}}
+                 "rng": self._rng_states()}
         for name in self.method_state:
             value = getattr(self, name)
             state[name] = value.state_dict() if hasattr(value, "state_dict") else value
         return state
+
+    def _rng_states(self):
+        """Every rank's random states (rank order): a resumed run continues each rank's stream."""
+        mine = {"data": self.data_generator.get_state(), "augment": self.augment_generator.get_state(),
+                "torch": torch.get_rng_state()}
+        if self.world == 1:
+            return [mine]
+        every = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        return every
 
     # Settings a resumed run must share with the run it continues (epochs may grow).
     RESUME_MUST_MATCH = ("data", "batch_size", "seed", "projection_dim", "hidden_dim", "queue_size")
@@ -287,9 +341,13 @@ class Trainer:
                                  f"now {getattr(self.config, name)!r}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.data_generator.set_state(state["rng"]["data"].cpu())
-        self.augment_generator.set_state(state["rng"]["augment"].cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if len(state["rng"]) != self.world:
+            raise ValueError(f"cannot resume: {path} was written by {len(state['rng'])} process(es), "
+                             f"this run has {self.world}")
+        rng = state["rng"][self.rank]
+        self.data_generator.set_state(rng["data"].cpu())
+        self.augment_generator.set_state(rng["augment"].cpu())
+        torch.set_rng_state(rng["torch"].cpu())
         for name in self.method_state:
             value = getattr(self, name)
             if hasattr(value, "load_state_dict"):

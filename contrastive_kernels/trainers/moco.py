@@ -22,6 +22,13 @@ class MoCoTrainer(Trainer):
     step reads a value back to the host. The queue starts as random unit vectors, as in MoCo.
     With backend="torch": reference.infonce, MoCo's per-parameter EMA loop and MoCo's queue
     (which reads its pointer to the host every step): the reference trainer.
+
+    Under torch.distributed every rank's keys enter every rank's queue (KeyQueue.enqueue(group=)),
+    and with `shuffle_across_ranks` (the default) the key batch is shuffled over the ranks before
+    the key encoder, as MoCo does: the key images of all ranks are gathered, each rank encodes a
+    random slice of them (split into `shuffle_bn` BatchNorm groups), and the keys are gathered
+    and put back in order. The permutation comes from a generator every rank seeds alike, so
+    nothing is broadcast.
     """
     method = "moco"
     ops = {"fused_infonce": infonce_op.SUPPORTED_BACKENDS, "momentum_update": momentum_op.SUPPORTED_BACKENDS,
@@ -47,8 +54,8 @@ class MoCoTrainer(Trainer):
         if config.backend == "torch" and config.queue_size % keys:
             raise ValueError(f"the reference trainer (backend torch) uses MoCo's queue, which needs queue-size "
                              f"({config.queue_size}) to be a multiple of {what}")
-        if config.shuffle_bn > config.batch_size:
-            raise ValueError(f"shuffle-bn {config.shuffle_bn} is larger than batch-size {config.batch_size}")
+        if config.shuffle_bn > self.local_batch:
+            raise ValueError(f"shuffle-bn {config.shuffle_bn} is larger than the batch of a process ({self.local_batch})")
 
     def build_method(self):
         config = self.config
@@ -77,12 +84,28 @@ class MoCoTrainer(Trainer):
 
     @torch.no_grad()
     def key_projections(self, view):
+        if self.world > 1 and self.config.shuffle_across_ranks:
+            return self.keys_shuffled_across_ranks(view)
         groups = self.config.shuffle_bn
         if groups == 1:
             return self.key_forward(view)
         order = torch.randperm(len(view), generator=self.augment_generator, device=view.device)
         keys = torch.cat([self.key_forward(chunk) for chunk in view[order].chunk(groups)])
         return torch.empty_like(keys).index_copy_(0, order, keys)  # back to the original order
+
+    def keys_shuffled_across_ranks(self, view):
+        """MoCo's batch shuffle over the ranks: the same keys as key_forward(view), but each
+        BatchNorm group holds a random mix of every rank's images."""
+        from ..distributed import all_gather_rows
+
+        every_view = all_gather_rows(view, self.group)
+        shared = torch.Generator(view.device).manual_seed(self.config.seed * 1_000_003 + self.step)
+        order = torch.randperm(len(every_view), generator=shared, device=view.device)  # alike on every rank
+        mine = every_view[order[self.rank * len(view):(self.rank + 1) * len(view)]]
+        keys = torch.cat([self.key_forward(chunk) for chunk in mine.chunk(self.config.shuffle_bn)])
+        gathered = all_gather_rows(keys, self.group)  # in shuffled order
+        every_key = torch.empty_like(gathered).index_copy_(0, order, gathered)
+        return every_key[self.rank * len(view):(self.rank + 1) * len(view)]
 
     def infonce(self, queries, keys):
         if self.config.backend == "torch":
@@ -104,6 +127,11 @@ class MoCoTrainer(Trainer):
 
     def after_step(self):
         if self.config.backend == "torch":
-            self.queue.dequeue_and_enqueue(self.keys)
+            keys = self.keys
+            if self.group is not None:  # MoCo's concat_all_gather
+                from ..distributed import all_gather_rows
+
+                keys = all_gather_rows(keys, self.group)
+            self.queue.dequeue_and_enqueue(keys)
         else:
-            self.queue.enqueue(self.keys)
+            self.queue.enqueue(self.keys, group=self.group)
