@@ -40,7 +40,10 @@ def test_fused_trainer_follows_the_reference_trainer(trainer_class):
     1e-2 after step 3). So the first update must agree to rounding (measured 2e-6 to 6e-6 over
     seeds and methods; bound 5e-5), and every later step must
     stay within 10x of that ulp-perturbed reference run's own drift: the flash-attention rule
-    ("no worse than the reference's own rounding"), applied to the training trajectory.
+    ("no worse than the reference's own rounding"), applied to the training trajectory. The
+    loss of one step is a single noisy sample of that drift (on one CPU the perturbed run's
+    loss gap fell from 1.8e-2 at step 4 to 5e-4 at step 5 while its parameters moved further
+    apart), so the loss curve is held to 10x the largest gap of the perturbed run so far.
     """
     options = dict(dataset=DIGITS, epochs=1, batch_size=128)
     fused = trainer_class(backend="cpu", **options)
@@ -51,13 +54,14 @@ def test_fused_trainer_follows_the_reference_trainer(trainer_class):
             p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
     start = flat_parameters(reference).clone()
     assert torch.equal(flat_parameters(fused), start)  # the same initialisation
+    loss_noise = 0.0
     for step in range(6):
         images = DIGITS.train_images[step * 128:(step + 1) * 128]
         losses = [t.train_step(images).item() for t in (fused, reference, perturbed)]
         moved = (flat_parameters(reference) - start).norm().item()
         drift = (flat_parameters(fused) - flat_parameters(reference)).norm().item() / moved
         noise = (flat_parameters(perturbed) - flat_parameters(reference)).norm().item() / moved
-        loss_drift, loss_noise = abs(losses[0] - losses[1]), abs(losses[2] - losses[1])
+        loss_drift, loss_noise = abs(losses[0] - losses[1]), max(loss_noise, abs(losses[2] - losses[1]))
         if step == 0:  # same parameters, same views: only the ops' rounding differs
             assert loss_drift <= 1e-6 * losses[1], losses
             # 10x the reference's own float32 error in this update against float64 (7e-6, measured)
