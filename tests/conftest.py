@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -18,3 +19,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """default_run(method, seed=0): the metrics records of the README's command with its defaults
+    (`train --method <method>`, seed 0 unless given), run once per session for every test that
+    compares with it."""
+    from helpers import run_cli
+
+    runs = {}
+
+    def records(method, seed=0):
+        if (method, seed) not in runs:
+            out = tmp_path_factory.mktemp(f"default-{method}-seed{seed}") / "run"
+            result = run_cli("--method", method, "--seed", str(seed), "--out", str(out), "--no-progress",
+                             cwd=out.parent)
+            assert result.returncode == 0, result.stderr
+            runs[method, seed] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return runs[method, seed]
+
+    return records

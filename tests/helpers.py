@@ -1,4 +1,8 @@
-"""Comparison helpers: a failing check prints the worst mismatching elements."""
+"""Comparison helpers (a failing check prints the worst mismatching elements) and the CLI runner."""
+import os
+import subprocess
+import sys
+
 import torch
 
 from contrastive_kernels._backends import TRITON_INTERPRET
@@ -40,3 +44,10 @@ def assert_within_reference_error(actual, same_dtype_ref, oracle, *, factor, ulp
     assert ours <= factor * theirs + ulp, (
         f"{name}: error {ours:.3g} > {factor} x reference error {theirs:.3g} + {ulp:.3g}; worst:\n"
         f"{worst(actual, oracle)}")
+
+
+def run_cli(*args, cwd):
+    """`python -m contrastive_kernels train ...` in a fresh process, from this checkout."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    return subprocess.run([sys.executable, "-m", "contrastive_kernels", "train", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=900)

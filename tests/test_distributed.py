@@ -6,9 +6,10 @@ import torch
 import torch.distributed as dist
 
 from contrastive_kernels import KeyQueue, fused_ntxent, reference
+from contrastive_kernels._ranks import run_ranks
+from contrastive_kernels.nn import NTXentLoss
 from contrastive_kernels.ops.ntxent import backward_against, forward_against
 from helpers import assert_close, cpu_backends
-from spawn_ranks import run_ranks
 
 BACKENDS = cpu_backends()
 EXACT = 1e-9  # float64
@@ -80,6 +81,9 @@ def ntxent_worker(rank, world, cases):
         # The upstream gradient of every rank's output, known to every rank.
         upstream = torch.rand(world, *out.shape, generator=torch.Generator().manual_seed(index), dtype=out.dtype)
         grads = torch.autograd.grad((out * upstream[rank]).sum(), [z_a, z_b])
+        module = NTXentLoss(temperature, normalize=normalize, reduction=reduction, backend=backend,
+                            group=dist.group.WORLD)
+        assert torch.equal(module(z_a, z_b), out)
         # The gather-with-gradient baseline of the benchmark follows the same convention.
         gathered = reference.ntxent_all_gather(z_a, z_b, temperature, group=dist.group.WORLD,
                                                normalize=normalize, reduction=reduction)
@@ -186,6 +190,22 @@ def test_misuse_raises_on_every_rank_instead_of_hanging():
     assert results[0][1] == results[1][1] == 4
 
 
+def failing_worker(rank, world):
+    if rank == 1:
+        raise ValueError("rank 1 gives up")
+    dist.barrier()  # waits for rank 1, which never comes
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_launcher_without_waiting_for_the_others():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="rank 1:[\\s\\S]*ValueError: rank 1 gives up"):
+        run_ranks(2, failing_worker, timeout=120)
+    assert time.perf_counter() - start < 60  # rank 0 was stuck in its barrier: killed, not awaited
+
+
 def test_group_without_a_process_group_is_a_clear_error():
     assert not dist.is_initialized()
     z = torch.randn(4, 8)
@@ -193,3 +213,31 @@ def test_group_without_a_process_group_is_a_clear_error():
         fused_ntxent(z, z, group=object())
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         KeyQueue(8, 8).enqueue(z, group=object())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nccl_world_of_one_equals_the_single_process_op(dtype, tmp_path):
+    """The NCCL path (device-side gathers, the handshake read back once) on one GPU: with W=1
+    the gathered loss, its gradient and the gathered enqueue equal the plain ops."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        g = torch.Generator(device="cuda").manual_seed(3)
+        z_a, z_b = (torch.randn(300, 128, device="cuda", generator=g, dtype=dtype).requires_grad_(True)
+                    for _ in range(2))
+        plain = fused_ntxent(z_a, z_b, 0.2)
+        plain_grads = torch.autograd.grad(plain, [z_a, z_b])
+        gathered = fused_ntxent(z_a, z_b, 0.2, group=group)
+        gathered_grads = torch.autograd.grad(gathered, [z_a, z_b])
+        assert torch.equal(gathered, plain)
+        for grad, want in zip(gathered_grads, plain_grads):
+            assert torch.equal(grad, want)
+        queue, single = KeyQueue(64, 128, device="cuda"), KeyQueue(64, 128, device="cuda")
+        keys = torch.randn(40, 128, device="cuda", generator=g)
+        for _ in range(3):
+            queue.enqueue(keys, group=group)
+            single.enqueue(keys)
+        assert torch.equal(queue.buffer, single.buffer) and torch.equal(queue.head, single.head)
+    finally:
+        dist.destroy_process_group()

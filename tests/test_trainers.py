@@ -1,15 +1,12 @@
 """The SimCLR and MoCo trainers: fused against reference trainers, bit-exact resume on CPU,
 the CLI's outputs and errors, and (slow) the issue's bar on the built-in digits."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from contrastive_kernels.trainers import MoCoTrainer, SimCLRTrainer, load_dataset
-from helpers import assert_close
+from helpers import assert_close, run_cli
 
 DIGITS = load_dataset("digits")
 
@@ -153,12 +150,6 @@ def test_moco_queue_holds_the_last_keys_and_momentum_follows_its_schedule():
     assert trainer.current_momentum() == pytest.approx(1.0)
 
 
-def run_cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    return subprocess.run([sys.executable, "-m", "contrastive_kernels", "train", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=900)
-
-
 @pytest.mark.slow
 def test_cli_writes_metrics_checkpoint_and_curves_then_resumes(tmp_path):
     out = tmp_path / "run"
@@ -214,12 +205,10 @@ def test_cli_will_not_overwrite_a_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "moco"])
-def test_default_run_on_digits_meets_the_bar(method, tmp_path):
+def test_default_run_on_digits_meets_the_bar(method, default_run):
     """The README's command with its defaults: held-out kNN top-1 >= 0.95 and >= 0.04 above the
     random-init encoder. (Its time is measured and reported in the README, not asserted.)"""
-    result = run_cli("--method", method, "--out", str(tmp_path / "run"), "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = default_run(method)
     first, last = records[0]["knn_top1"], records[-1]["knn_top1"]
     assert last >= 0.95, records
     assert last >= first + 0.04, records

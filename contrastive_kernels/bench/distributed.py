@@ -37,12 +37,11 @@ import argparse
 import ctypes
 import os
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 import torch
 
+from .._ranks import run_ranks
 from . import common
 
 METHODS = ("fused", "all_gather")
@@ -91,9 +90,14 @@ def _release_freed_memory():
 
 
 def _measure(rank, world, points, repeats, with_memory):
-    """Per point and method, [slowest rank's median seconds, largest peak growth in MB]."""
+    """One rank (under _ranks.run_ranks): per point and method, [slowest rank's median seconds,
+    largest peak growth in MB]."""
+    import warnings
+
     import torch.distributed as dist
 
+    # The baseline is the usual approach on purpose: not its deprecation notice, once per rank.
+    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated", category=FutureWarning)
     group = dist.group.WORLD
     losses = _losses(group)
     results = []
@@ -116,61 +120,6 @@ def _measure(rank, world, points, repeats, with_memory):
     return results
 
 
-def _rank_entry(rank, world, init_file, threads, points, repeats, with_memory, queue):
-    import warnings
-
-    import torch.distributed as dist
-
-    # The baseline is the usual approach on purpose: not its deprecation notice, once per rank.
-    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated", category=FutureWarning)
-    torch.set_num_threads(threads)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        try:
-            results = _measure(rank, world, points, repeats, with_memory)
-        finally:
-            dist.destroy_process_group()
-        queue.put((rank, "ok", results if rank == 0 else None))
-    except BaseException:  # noqa: B036 (report anything; the parent raises)
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def run_world(world, points, repeats, with_memory, threads, timeout=1800):
-    """Spawns `world` Gloo ranks; returns rank 0's _measure() list. Raises if a rank fails or hangs."""
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        procs = [context.Process(target=_rank_entry,
-                                 args=(rank, world, init_file, threads, points, repeats, with_memory, queue))
-                 for rank in range(world)]
-        for p in procs:
-            p.start()
-        outcomes = {}
-        try:
-            for _ in range(world):
-                rank, status, value = queue.get(timeout=timeout)
-                outcomes[rank] = (status, value)
-                if status == "error":  # the others may wait forever in a collective
-                    break
-        except Exception:  # queue.Empty
-            missing = sorted(set(range(world)) - set(outcomes))
-            raise RuntimeError(f"distributed benchmark: ranks {missing} of {world} did not finish within "
-                               f"{timeout} s") from None
-        finally:
-            for p in procs:
-                p.join(timeout=10 if len(outcomes) == world else 1)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-    errors = [f"rank {rank}:\n{value}" for rank, (status, value) in sorted(outcomes.items()) if status == "error"]
-    if errors:
-        raise RuntimeError("distributed benchmark failed\n" + "\n".join(errors))
-    return outcomes[0][1]
-
-
 # ----------------------------------------------------------------------------------------
 # All worlds: rows, CSV, plot
 # ----------------------------------------------------------------------------------------
@@ -187,7 +136,7 @@ def run(worlds, points, repeats, with_memory, out_dir):
     rows = []
     for world in tqdm(worlds, desc="distributed", unit="world"):
         threads = max(1, n_cores // world)
-        measured = iter(run_world(world, points, repeats, with_memory, threads))
+        measured = iter(run_ranks(world, _measure, points, repeats, with_memory, threads=threads, timeout=1800)[0])
         for n, dim in points:
             point_rows = []
             for method in METHODS:
