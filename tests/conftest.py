@@ -1,4 +1,3 @@
-import json
 import os
 
 import pytest
@@ -26,7 +25,7 @@ def default_run(tmp_path_factory):
     """default_run(method, seed=0): the metrics records of the README's command with its defaults
     (`train --method <method>`, seed 0 unless given), run once per session for every test that
     compares with it."""
-    from helpers import run_cli
+    from helpers import read_metrics, run_cli
 
     runs = {}
 
@@ -36,7 +35,7 @@ def default_run(tmp_path_factory):
             result = run_cli("--method", method, "--seed", str(seed), "--out", str(out), "--no-progress",
                              cwd=out.parent)
             assert result.returncode == 0, result.stderr
-            runs[method, seed] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            runs[method, seed] = read_metrics(out)
         return runs[method, seed]
 
     return records

@@ -1,7 +1,10 @@
-"""Comparison helpers (a failing check prints the worst mismatching elements) and the CLI runner."""
+"""Comparison helpers (a failing check prints the worst mismatching elements), and runners of
+fresh processes that import contrastive_kernels from this checkout."""
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -46,8 +49,24 @@ def assert_within_reference_error(actual, same_dtype_ref, oracle, *, factor, ulp
         f"{worst(actual, oracle)}")
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def run_from_checkout(command, *, cwd, timeout=900, triton_interpret=True):
+    """Runs `command` (an argv list) in a fresh process whose contrastive_kernels is this checkout's.
+    With triton_interpret=False, TRITON_INTERPRET is dropped, so the CPU ops run the C++ and torch
+    backends."""
+    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
+    if not triton_interpret:
+        env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
 def run_cli(*args, cwd):
     """`python -m contrastive_kernels train ...` in a fresh process, from this checkout."""
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    return subprocess.run([sys.executable, "-m", "contrastive_kernels", "train", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=900)
+    return run_from_checkout([sys.executable, "-m", "contrastive_kernels", "train", *args], cwd=cwd)
+
+
+def read_metrics(out):
+    """The records of a training run's `out/metrics.jsonl`, one dict per epoch."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

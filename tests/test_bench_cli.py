@@ -2,21 +2,18 @@
 provenance and efficiency in every row; bad arguments are refused."""
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import run_from_checkout
 
 
 def run_bench(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)  # the CPU suite runs the C++ and torch backends
-    return subprocess.run([sys.executable, "-m", "contrastive_kernels", "bench", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=900)
+    # triton_interpret=False: the CPU suite runs the C++ and torch backends
+    return run_from_checkout([sys.executable, "-m", "contrastive_kernels", "bench", *args], cwd=cwd,
+                             triton_interpret=False)
 
 
 @pytest.mark.slow

@@ -1,16 +1,12 @@
 """The multi-process NT-Xent benchmark: its communication accounting, and a quick run on Gloo
 that writes a CSV and a plot with one row per world size and method."""
 import csv
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from contrastive_kernels.bench.distributed import volume
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import run_from_checkout
 
 
 @pytest.mark.parametrize("world, n, dim", [(2, 512, 128), (4, 2048, 128), (3, 7, 5)])
@@ -30,11 +26,9 @@ def test_fused_moves_about_half_the_bytes_of_gather_with_gradient(world, n, dim)
 
 @pytest.mark.slow
 def test_quick_run_writes_rows_for_every_world_and_method(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("TRITON_INTERPRET", None)  # fused_ntxent on CPU takes the C++ kernel
-    result = subprocess.run([sys.executable, "-m", "contrastive_kernels.bench.distributed", "--quick",
-                             "--worlds", "1,2", "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    # triton_interpret=False: fused_ntxent on CPU takes the C++ kernel
+    result = run_from_checkout([sys.executable, "-m", "contrastive_kernels.bench.distributed", "--quick",
+                                "--worlds", "1,2", "--out", str(tmp_path)], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     [path] = tmp_path.glob("distributed-cpu-float32-*.csv")
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

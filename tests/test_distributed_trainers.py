@@ -1,14 +1,13 @@
 """The trainers under torch.distributed: a DDP step on W Gloo ranks equals the single-process
 step on the full batch, MoCo's shuffle over ranks, and `torchrun ... train` end to end."""
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from contrastive_kernels._ranks import run_ranks
+from helpers import read_metrics, run_from_checkout
 
 
 class PerRankBatchNorm(torch.nn.Module):
@@ -111,9 +110,8 @@ def test_moco_shuffles_keys_across_ranks_and_puts_them_back():
 
 def torchrun(*args, cwd):
     torchrun_bin = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    return subprocess.run([torchrun_bin, "--nproc-per-node=2", "-m", "contrastive_kernels", "train", *args],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return run_from_checkout([torchrun_bin, "--nproc-per-node=2", "-m", "contrastive_kernels", "train", *args],
+                             cwd=cwd, timeout=600)
 
 
 @pytest.mark.slow
@@ -123,7 +121,7 @@ def test_torchrun_trains_and_rank_0_writes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "over 2 processes" in result.stdout
     assert result.stdout.count("simclr epoch 1/1: loss") == 1  # rank 0 alone prints
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1] and records[1]["knn_top1"] > 0
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert len(checkpoint["rng"]) == 2  # every rank's random state, for --resume
@@ -149,7 +147,7 @@ def test_torchrun_on_two_processes_reaches_the_single_process_knn(tmp_path, defa
         result = torchrun("--method", "simclr", "--data", "digits", "--seed", str(seed), "--out", str(out),
                           "--no-progress", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(out)
         single = default_run("simclr", seed)
         assert [r["epoch"] for r in records] == [r["epoch"] for r in single]
         assert records[0]["knn_top1"] == single[0]["knn_top1"]  # the same initialisation

@@ -1,12 +1,10 @@
 """The SimCLR and MoCo trainers: fused against reference trainers, bit-exact resume on CPU,
 the CLI's outputs and errors, and (slow) the issue's bar on the built-in digits."""
-import json
-
 import pytest
 import torch
 
 from contrastive_kernels.trainers import MoCoTrainer, SimCLRTrainer, load_dataset
-from helpers import assert_close, run_cli
+from helpers import assert_close, read_metrics, run_cli
 
 DIGITS = load_dataset("digits")
 
@@ -95,10 +93,9 @@ def test_resume_after_an_interruption_is_bit_exact(trainer_class, tmp_path):
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), f"{name} differs after resume"
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "images_per_sec"}
-                          for line in path.read_text().splitlines()]
-    assert strip(tmp_path / "resumed" / "metrics.jsonl") == strip(tmp_path / "straight" / "metrics.jsonl")
-    assert len(strip(tmp_path / "straight" / "metrics.jsonl")) == 4
+    strip = lambda out: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in read_metrics(out)]
+    assert strip(tmp_path / "resumed") == strip(tmp_path / "straight")
+    assert len(strip(tmp_path / "straight")) == 4
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
@@ -156,7 +153,7 @@ def test_cli_writes_metrics_checkpoint_and_curves_then_resumes(tmp_path):
     first = run_cli("--method", "moco", "--epochs", "1", "--batch-size", "128", "--out", str(out), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "moco epoch 1/1: loss" in first.stdout and "images/s" in first.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert set(records[0]) == {"epoch", "loss", "knn_top1", "images_per_sec"}
     assert records[0]["loss"] is None and records[0]["images_per_sec"] is None
@@ -169,7 +166,7 @@ def test_cli_writes_metrics_checkpoint_and_curves_then_resumes(tmp_path):
                      cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "resuming after epoch 1" in second.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1, 2]
 
 
